@@ -1,0 +1,36 @@
+"""FastComposer's reference-image preprocessing, as its training and inference code does it.
+
+Pad to square with black (floor of half the difference on each side, so an odd difference
+leaves the image one pixel short and the resize stretches it, as the reference does), resize
+to 224x224 bilinear with antialias on uint8 values, then normalise with the CLIP statistics.
+"""
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 224
+
+
+def pad_to_square(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> zero-padded along the shorter side by (long - short) // 2 on both ends."""
+    height, width = images.shape[-2:]
+    padding = abs(height - width) // 2
+    if height > width:
+        return F.pad(images, (padding, padding, 0, 0))
+    return F.pad(images, (0, 0, padding, padding))
+
+
+def preprocess_subject_images(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, C) floats in [0, 1] -> CLIP pixel values (B, 3, size, size) float32."""
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise ValueError(f"expected a non-empty IMAGE batch (B, H, W, C), got shape {tuple(images.shape)}")
+    pixels = images[..., :3].movedim(-1, 1).float()
+    pixels = pad_to_square(pixels)
+    if pixels.shape[-2:] != (size, size):
+        # The reference resizes uint8 tensors, so values are rounded back to 8 bits.
+        pixels = F.interpolate(pixels * 255.0, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        pixels = pixels.round().clamp(0, 255) / 255.0
+    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std

@@ -1,0 +1,10 @@
+"""Node registry: each feature's module contributes its classes here."""
+from . import fastcomposer_encode, fastcomposer_loader
+from .model_folders import register_model_folders
+
+register_model_folders()
+
+_FEATURES = (fastcomposer_loader, fastcomposer_encode)
+
+NODE_CLASS_MAPPINGS = {name: cls for feature in _FEATURES for name, cls in feature.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: display for feature in _FEATURES for name, display in feature.NODE_DISPLAY_NAME_MAPPINGS.items()}

@@ -1,0 +1,115 @@
+"""FastComposer Encode: a prompt plus subject images -> the positive CONDITIONING, with delayed subject conditioning."""
+import torch
+
+import comfy.model_management
+
+from ..encoders.fastcomposer_fusion import FastComposerFusion
+from ..encoders.fastcomposer_preprocess import preprocess_subject_images
+from ..encoders.subject_prompt import (SUBJECT_MARKER, mark_subject_words, prompt_with_sentinels, remove_sentinels,
+                                       split_subject_words)
+from .fastcomposer_loader import CATEGORY
+
+MAX_SUBJECTS = 4
+
+
+def sd15_tokenizer(clip):
+    """The CLIP-L tokenizer of an SD1.5 CLIP, or a clear error for any other text encoder."""
+    keys = set(clip.tokenize("").keys())
+    if keys != {"l"}:
+        family = "SDXL (CLIP-L + CLIP-G)" if keys == {"g", "l"} else f"one with encoders {sorted(keys)}"
+        raise ValueError(f"FastComposer is an SD1.5 method, but this CLIP is {family}: "
+                         f"connect the CLIP output of 'Load FastComposer'")
+    return clip.tokenizer.clip_l
+
+
+def subject_embeddings(clip_vision, subjects: list[torch.Tensor]) -> torch.Tensor:
+    """One projected CLIP image embedding per subject; several images of one subject are averaged (ours)."""
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    embeddings = []
+    for index, images in enumerate(subjects):
+        if images.numel() == 0:
+            raise ValueError(f"subject {index + 1}'s image is empty")
+        pixels = preprocess_subject_images(images).to(clip_vision.load_device)
+        projected = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
+        embeddings.append(projected.float().mean(dim=0).cpu())
+    return torch.stack(embeddings)
+
+
+def encode_fastcomposer(clip, clip_vision, fusion: FastComposerFusion, text: str, subject_words: str,
+                        subjects: list[torch.Tensor], text_only_fraction: float) -> list:
+    tokenizer = sd15_tokenizer(clip)
+    words = split_subject_words(subject_words)
+    if words:
+        text = mark_subject_words(text, words)
+    text, marker_count = prompt_with_sentinels(text)
+    if marker_count != len(subjects):
+        raise ValueError(f"the prompt binds {marker_count} subject(s) ({SUBJECT_MARKER} markers or subject_words) "
+                         f"but {len(subjects)} subject image input(s) are connected; make the two counts equal")
+    tokens = clip.tokenize(text, return_word_ids=True)
+    marked = remove_sentinels(tokens["l"], sentinel_token=tokenizer.end_token, pad_token=tokenizer.pad_token)
+    clean_tokens = {"l": [[(token, weight) for token, weight, _ in chunk] for chunk in marked.chunks]}
+    text_states, pooled = clip.encode_from_tokens(clean_tokens, return_pooled=True)
+    if text_states.shape[-1] != fusion.embed_dim:
+        raise ValueError(f"text states are {text_states.shape[-1]}-wide but the fusion module expects {fusion.embed_dim}")
+    if not subjects:
+        return [[text_states, {"pooled_output": pooled}]]
+
+    embeddings = subject_embeddings(clip_vision, subjects)
+    positions = torch.tensor(marked.subject_positions)
+    with torch.no_grad():
+        fused = fusion(text_states.float(), positions, embeddings).to(text_states.dtype)
+    if text_only_fraction <= 0.0:
+        return [[fused, {"pooled_output": pooled}]]
+    return [
+        [text_states, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": text_only_fraction}],
+        [fused, {"pooled_output": pooled, "start_percent": text_only_fraction, "end_percent": 1.0}],
+    ]
+
+
+class FastComposerEncode:
+    DESCRIPTION = ("Encodes a prompt with up to four subjects for FastComposer. Mark each subject's word with "
+                   f"{SUBJECT_MARKER} right after it ('a man {SUBJECT_MARKER} and a woman {SUBJECT_MARKER}'), or list "
+                   "the words in subject_words instead; subject 1 binds the first marked word, and so on. The subject "
+                   "images are fused into those words. Use it as the positive conditioning; encode the negative "
+                   "prompt with an ordinary CLIP Text Encode.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Positive conditioning: text-only for the first part of the schedule, then with the subjects fused in.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        subject_inputs = {
+            f"subject_{index}": ("IMAGE", {"tooltip": f"Photo(s) of subject {index}, bound to the prompt's {index}. "
+                                                      "subject word. Several images of one subject are averaged."})
+            for index in range(1, MAX_SUBJECTS + 1)
+        }
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP output of 'Load FastComposer'."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP_VISION output of 'Load FastComposer'."}),
+                "fastcomposer": ("FASTCOMPOSER",),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                    "default": f"a man {SUBJECT_MARKER} and a woman {SUBJECT_MARKER} reading a book together",
+                                    "tooltip": f"The prompt. Write {SUBJECT_MARKER} right after each subject's word."}),
+                "subject_words": ("STRING", {"default": "",
+                                             "tooltip": "Instead of markers: the subject words, comma-separated, in "
+                                                        "subject order (e.g. 'man, woman'). Each binds its first "
+                                                        "unused whole-word occurrence in the prompt."}),
+                "text_only_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                 "tooltip": "Delayed subject conditioning: the first part of the schedule "
+                                                            "uses the prompt without subjects, so the layout follows the "
+                                                            "text; 0.2 is the reference's 10 of 50 steps. 0 fuses from "
+                                                            "the first step (more identity, less prompt-following)."}),
+            },
+            "optional": subject_inputs,
+        }
+
+    def encode(self, clip, clip_vision, fastcomposer, text, subject_words, text_only_fraction, **subject_images):
+        subjects = [subject_images[f"subject_{index}"] for index in range(1, MAX_SUBJECTS + 1)
+                    if subject_images.get(f"subject_{index}") is not None]
+        return (encode_fastcomposer(clip, clip_vision, fastcomposer, text, subject_words, subjects, text_only_fraction),)
+
+
+NODE_CLASS_MAPPINGS = {"FastComposerEncode": FastComposerEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"FastComposerEncode": "FastComposer Encode"}
