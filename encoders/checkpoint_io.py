@@ -1,4 +1,5 @@
 """Reading weight files safely: safetensors directly, pickles only through weights-only unpickling."""
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,9 +27,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path.name}: expected a .safetensors file or a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-map zip-based files so the weights are paged in, not copied; legacy pickles cannot be mapped.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:
         raise ValueError(f"{path.name} could not be read as a plain tensor state dict ({error}); "
                          f"this pack never unpickles arbitrary objects") from error
