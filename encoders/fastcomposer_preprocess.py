@@ -2,7 +2,7 @@
 
 Pad to square with black (floor of half the difference on each side, so an odd difference
 leaves the image one pixel short and the resize stretches it, as the reference does), resize
-to 224x224 bilinear with antialias on uint8 values, then normalise with the CLIP statistics.
+to 224x224 bilinear with antialias on uint8 values, then scale to [0, 1] and normalise with the CLIP statistics.
 """
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,12 @@ def preprocess_subject_images(images: torch.Tensor, size: int = IMAGE_SIZE) -> t
     """ComfyUI IMAGE (B, H, W, C) floats in [0, 1] -> CLIP pixel values (B, 3, size, size) float32."""
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
         raise ValueError(f"expected a non-empty IMAGE batch (B, H, W, C), got shape {tuple(images.shape)}")
-    pixels = images[..., :3].movedim(-1, 1).float()
+    # The reference pads and resizes uint8 tensors; torch's uint8 kernel gives the very same bytes.
+    pixels = (images[..., :3].movedim(-1, 1).cpu() * 255.0).round().clamp(0, 255).to(torch.uint8)
     pixels = pad_to_square(pixels)
     if pixels.shape[-2:] != (size, size):
-        # The reference resizes uint8 tensors, so values are rounded back to 8 bits.
-        pixels = F.interpolate(pixels * 255.0, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        pixels = pixels.round().clamp(0, 255) / 255.0
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    pixels = pixels.float() / 255.0
     mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std

@@ -25,3 +25,5 @@ def _register_pack() -> None:
 
 
 _register_pack()
+# Independent reference implementations used by the tests live in tests/reference/.
+sys.path.insert(0, str(Path(__file__).resolve().parent))

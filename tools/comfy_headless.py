@@ -17,11 +17,11 @@ MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 class HeadlessComfy:
     """A booted ComfyUI with this pack loaded; base_directory holds models/, input/, output/."""
 
-    def __init__(self, comfyui_path: str | Path, base_directory: str | Path):
+    def __init__(self, comfyui_path: str | Path, base_directory: str | Path, extra_args: tuple[str, ...] = ()):
         self.comfyui_path = Path(comfyui_path).resolve()
         self.base_directory = Path(base_directory).resolve()
         sys.path.insert(0, str(self.comfyui_path))
-        sys.argv = [str(self.comfyui_path / "main.py"), "--cpu", "--base-directory", str(self.base_directory)]
+        sys.argv = [str(self.comfyui_path / "main.py"), "--cpu", "--base-directory", str(self.base_directory), *extra_args]
         import comfy.options
         comfy.options.enable_args_parsing()
         import utils.extra_config  # noqa: F401  ComfyUI's own `utils` must be imported before `nodes`

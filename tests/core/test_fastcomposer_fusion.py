@@ -4,28 +4,10 @@ import math
 import pytest
 import torch
 
+from reference.fusion import fuse as reference_fuse
 from subject_personalization.encoders.fastcomposer_fusion import FastComposerFusion
 
 FLOAT32_TOLERANCE = dict(rtol=1e-5, atol=2e-5)  # float32 vs float64 through two MLPs and three LayerNorms
-
-
-def reference_layer_norm(x, weight, bias, eps=1e-5):
-    mean = x.mean(-1, keepdim=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(variance + eps) * weight + bias
-
-
-def reference_mlp(x, params, prefix):
-    hidden = reference_layer_norm(x, params[f"{prefix}.layernorm.weight"], params[f"{prefix}.layernorm.bias"])
-    hidden = hidden @ params[f"{prefix}.fc1.weight"].T + params[f"{prefix}.fc1.bias"]
-    hidden = 0.5 * hidden * (1.0 + torch.erf(hidden / math.sqrt(2.0)))
-    return hidden @ params[f"{prefix}.fc2.weight"].T + params[f"{prefix}.fc2.bias"]
-
-
-def reference_fuse(text, embed, params):
-    fused = reference_mlp(torch.cat([text, embed], -1), params, "mlp1") + text
-    fused = reference_mlp(fused, params, "mlp2") + fused
-    return reference_layer_norm(fused, params["layer_norm.weight"], params["layer_norm.bias"])
 
 
 def randomised_fusion(embed_dim, seed):

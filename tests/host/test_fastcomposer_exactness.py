@@ -1,0 +1,139 @@
+"""FastComposer through the pack equals the reference computation, on seeded random weights in the official layout.
+
+Tolerances (float32 in ComfyUI vs float64 references; measured values are in the assertion messages):
+- fused conditioning: max abs error <= 2e-4 (12 CLIP-L layers + 24 ViT-L layers + fusion in float32)
+- UNet eps prediction: max abs error <= 1e-3 relative to the output's max magnitude
+- VAE decode / encode, text encoder, vision tower: max abs error <= 1e-3 relative to the output's max magnitude
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the exactness tests compare against diffusers / transformers")
+from reference import fastcomposer_hf as hf  # noqa: E402
+from reference.fusion import fuse as reference_fuse  # noqa: E402
+
+FUSED_ATOL = 2e-4
+RELATIVE_TOLERANCE = 1e-3
+
+PROMPTS = [
+    "a man <|image|> and a woman <|image|> reading a book together",
+    "a photo of a schnauzerdogfriend <|image|> in the snow",          # one word, several tokens
+    "a man and a man <|image|> talking",                               # repeated word: the marked one counts
+    "a man<|image|>, a woman<|image|>! reading, laughing.",            # punctuation, no spaces
+    "a man <|image|>, a woman <|image|>, a dog <|image|> and a cat <|image|> in a park",  # four subjects
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(fastcomposer_file):
+    return torch.load(fastcomposer_file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def relative_error(ours, expected):
+    return ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def subject_images(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 240, 180), (3, 200, 260), (3, 224, 224), (3, 150, 151)]
+    return [torch.randint(0, 256, shapes[i % 4], generator=generator, dtype=torch.uint8) for i in range(count)]
+
+
+def test_fused_conditioning_matches_reference(comfy, fastcomposer_models, checkpoint, node):
+    _, clip, _, clip_vision, fusion = fastcomposer_models
+    tokenizer = hf.reference_tokenizer(Path(comfy.comfyui_path) / "comfy" / "sd1_tokenizer")
+    text_model = hf.text_encoder(checkpoint)
+    vision_model = hf.vision_encoder(checkpoint)
+    fusion_params = hf.float64_part(checkpoint, "postfuse_module.")
+    encode = node("FastComposerEncode")
+    for prompt_index, prompt in enumerate(PROMPTS):
+        images = subject_images(prompt.count("<|image|>"), seed=prompt_index)
+        comfy_images = {f"subject_{i + 1}": (image.permute(1, 2, 0).float() / 255.0)[None] for i, image in enumerate(images)}
+        (conditioning,) = encode.encode(clip, clip_vision, fusion, prompt, "", 0.0, **comfy_images)
+        ours = conditioning[0][0]
+
+        input_ids, positions = hf.reference_tokenize(prompt, tokenizer)
+        with torch.no_grad():
+            text_states = text_model(input_ids).last_hidden_state
+            embeds = vision_model(pixel_values=torch.stack([hf.preprocess(image) for image in images])).image_embeds
+        expected = text_states.clone()
+        for subject, position in enumerate(positions):
+            expected[0, position] = reference_fuse(text_states[0, position], embeds[subject], fusion_params)
+
+        assert ours.shape == expected.shape == (1, 77, 768)
+        error = (ours.double() - expected).abs().max().item()
+        assert error <= FUSED_ATOL, f"{prompt!r}: max abs error {error:.2e}"
+        changed = (ours[0] - text_states[0].float()).abs().amax(-1) > 1e-2
+        assert changed.nonzero().flatten().tolist() == positions, f"{prompt!r}: fused positions differ from the reference"
+
+
+def test_long_prompt_binds_a_word_in_the_second_chunk(fastcomposer_models, checkpoint, node):
+    _, clip, _, clip_vision, fusion = fastcomposer_models
+    filler = ", ".join(["a quiet street with old trees"] * 12)
+    prompt = f"{filler}, and a dog <|image|> sitting"
+    image = subject_images(1, seed=9)[0]
+    (conditioning,) = node("FastComposerEncode").encode(clip, clip_vision, fusion, prompt, "", 0.0,
+                                                        subject_1=(image.permute(1, 2, 0).float() / 255.0)[None])
+    fused = conditioning[0][0]
+    plain, _ = clip.encode_from_tokens(clip.tokenize(prompt.replace(" <|image|>", "")), return_pooled=True)
+    assert fused.shape[1] > 77 and fused.shape == plain.shape
+    changed = ((fused - plain).abs().amax(-1)[0] > 1e-4).nonzero().flatten().tolist()
+    assert len(changed) == 1 and changed[0] >= 77
+    dog_token = clip.tokenizer.clip_l.tokenizer("dog")["input_ids"][1]
+    assert clip.tokenize(prompt.replace(" <|image|>", ""))["l"][changed[0] // 77][changed[0] % 77][0] == dog_token
+    vision_model = hf.vision_encoder(checkpoint)
+    with torch.no_grad():
+        embed = vision_model(pixel_values=hf.preprocess(image)[None]).image_embeds[0]
+    expected = reference_fuse(plain[0, changed[0]].double(), embed, hf.float64_part(checkpoint, "postfuse_module."))
+    assert (fused[0, changed[0]].double() - expected).abs().max() <= FUSED_ATOL
+
+
+def test_text_encoder_matches_transformers(fastcomposer_models, checkpoint):
+    clip = fastcomposer_models[1]
+    tokens = clip.tokenize("a man and a woman reading a book together, photograph")
+    ours, _ = clip.encode_from_tokens(tokens, return_pooled=True)
+    ids = torch.tensor([[token for token, _ in tokens["l"][0]]])
+    with torch.no_grad():
+        expected = hf.text_encoder(checkpoint)(ids).last_hidden_state
+    assert relative_error(ours, expected) <= RELATIVE_TOLERANCE
+
+
+def test_vision_tower_matches_transformers(fastcomposer_models, checkpoint):
+    clip_vision = fastcomposer_models[3]
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
+        expected = hf.vision_encoder(checkpoint)(pixel_values=pixels.double()).image_embeds
+    assert relative_error(ours, expected) <= RELATIVE_TOLERANCE
+
+
+def test_unet_matches_diffusers(fastcomposer_models, checkpoint):
+    model = fastcomposer_models[0].model
+    generator = torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 768, generator=generator)
+    timesteps = torch.tensor([999.0, 421.0])
+    with torch.no_grad():
+        ours = model.diffusion_model(latents, timesteps=timesteps, context=context)
+        reference = hf.unet(checkpoint)
+        expected = reference(latents.double(), timesteps.double(), encoder_hidden_states=context.double()).sample
+    del reference
+    error = relative_error(ours, expected)
+    assert error <= RELATIVE_TOLERANCE, f"relative error {error:.2e}"
+
+
+def test_vae_matches_diffusers(fastcomposer_models, checkpoint):
+    vae = fastcomposer_models[2]
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    images = torch.rand(1, 64, 64, 3, generator=generator)
+    reference = hf.vae(checkpoint)
+    with torch.no_grad():
+        decoded = vae.decode(latents)
+        expected_decoded = ((reference.decode(latents.double()).sample + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+        encoded = vae.encode(images)
+        expected_encoded = reference.encode(images.double().movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
+    assert relative_error(decoded, expected_decoded) <= RELATIVE_TOLERANCE
+    assert relative_error(encoded, expected_encoded) <= RELATIVE_TOLERANCE
