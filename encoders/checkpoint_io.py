@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def _looks_like_pickle(path: Path) -> bool:
+def looks_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # zip-based torch.save, or a raw pickle
@@ -20,7 +20,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".safetensors":
-        if _looks_like_pickle(path):
+        if looks_like_pickle(path):
             raise ValueError(f"{path.name} is a PyTorch pickle, not safetensors: rename it to .bin "
                              f"(it is then read with weights-only unpickling) or convert it")
         return load_file(path)

@@ -106,8 +106,11 @@ class FastComposerEncode:
         }
 
     def encode(self, clip, clip_vision, fastcomposer, text, subject_words, text_only_fraction, **subject_images):
-        subjects = [subject_images[f"subject_{index}"] for index in range(1, MAX_SUBJECTS + 1)
-                    if subject_images.get(f"subject_{index}") is not None]
+        inputs = [subject_images.get(f"subject_{index}") for index in range(1, MAX_SUBJECTS + 1)]
+        subjects = [images for images in inputs if images is not None]
+        if None in inputs[:len(subjects)]:
+            raise ValueError(f"subject_{inputs.index(None) + 1} is empty but a later subject input is connected; "
+                             f"connect subjects in order from subject_1")
         return (encode_fastcomposer(clip, clip_vision, fastcomposer, text, subject_words, subjects, text_only_fraction),)
 
 

@@ -1,4 +1,6 @@
 """Load FastComposer: the official checkpoint as ComfyUI's own MODEL, CLIP, VAE and CLIP_VISION, plus the fusion module."""
+import torch
+
 import comfy.clip_vision
 import comfy.sd
 import comfy.utils
@@ -22,6 +24,10 @@ def load_fastcomposer(path: str):
     parts.unet = None
     progress.update(1)
 
+    # The release's text tower has no projection; identity makes ComfyUI's pooled output the reference's
+    # pooler_output instead of leaving an uninitialised weight.
+    width = parts.text_encoder["text_model.final_layer_norm.weight"].shape[0]
+    parts.text_encoder["text_projection.weight"] = torch.eye(width)
     clip = comfy.sd.load_text_encoder_state_dicts([parts.text_encoder], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
                                                   embedding_directory=folder_paths.get_folder_paths("embeddings"))
     parts.text_encoder = None

@@ -15,11 +15,14 @@ MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 
 
 class HeadlessComfy:
-    """A booted ComfyUI with this pack loaded; base_directory holds models/, input/, output/."""
+    """A booted ComfyUI with this pack loaded; base_directory (default: the checkout) holds models/, input/, output/.
 
-    def __init__(self, comfyui_path: str | Path, base_directory: str | Path, extra_args: tuple[str, ...] = ()):
+    Boot it once per process: ComfyUI reads its command line and registers nodes at import time.
+    """
+
+    def __init__(self, comfyui_path: str | Path, base_directory: str | Path | None = None, extra_args: tuple[str, ...] = ()):
         self.comfyui_path = Path(comfyui_path).resolve()
-        self.base_directory = Path(base_directory).resolve()
+        self.base_directory = Path(base_directory or comfyui_path).resolve()
         sys.path.insert(0, str(self.comfyui_path))
         sys.argv = [str(self.comfyui_path / "main.py"), "--cpu", "--base-directory", str(self.base_directory), *extra_args]
         import comfy.options
@@ -32,8 +35,20 @@ class HeadlessComfy:
         for name in ("input", "output", "models"):
             (self.base_directory / name).mkdir(parents=True, exist_ok=True)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        self.server = _RecordingServer()
+        # One executor for the session: like a running ComfyUI, it re-runs only nodes whose inputs changed.
+        self.executor = execution.PromptExecutor(self.server)
         if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
             raise RuntimeError(f"ComfyUI failed to import the pack at {PACK_ROOT}; see the log above")
+
+    def use_scratch_directories(self, scratch: Path, model_folders: tuple[str, ...]) -> None:
+        """Send inputs, outputs and the named model folders to scratch, leaving the user's folders untouched."""
+        for name in ("input", "output"):
+            (scratch / name).mkdir(parents=True, exist_ok=True)
+        self.folder_paths.set_input_directory(str(scratch / "input"))
+        self.folder_paths.set_output_directory(str(scratch / "output"))
+        for folder in model_folders:
+            self.folder_paths.add_model_folder_path(folder, str(scratch / "models" / folder), is_default=True)
 
     def model_dir(self, folder_name: str) -> Path:
         path = Path(self.folder_paths.get_folder_paths(folder_name)[0])
@@ -81,13 +96,11 @@ class HeadlessComfy:
         valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
         if not valid:
             raise RuntimeError(f"ComfyUI rejected the prompt: {error} {json.dumps(node_errors, default=str)[:2000]}")
-        server = _RecordingServer()
-        executor = self.execution.PromptExecutor(server)
-        executor.execute(prompt, prompt_id, {"client_id": server.client_id}, outputs)
-        events = [event for event, _ in executor.status_messages]
-        if not executor.success or "execution_success" not in events:
-            raise RuntimeError(f"ComfyUI execution failed: {json.dumps(executor.status_messages, default=str)[-3000:]}")
-        return executor.history_result["outputs"]
+        self.executor.execute(prompt, prompt_id, {"client_id": self.server.client_id}, outputs)
+        events = [event for event, _ in self.executor.status_messages]
+        if "execution_success" not in events:  # `success` alone can stay true after some graph errors
+            raise RuntimeError(f"ComfyUI execution failed: {json.dumps(self.executor.status_messages, default=str)[-3000:]}")
+        return self.executor.history_result["outputs"]
 
     def output_images(self, outputs: dict) -> list[Path]:
         """Paths of the images SaveImage / PreviewImage nodes wrote."""

@@ -1,8 +1,7 @@
 """Host tier: the real ComfyUI from COMFYUI_PATH, booted once per test session with seeded random weights."""
-import os
-
 import pytest
 
+from hostenv import require_comfyui
 from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
 
@@ -11,9 +10,7 @@ FASTCOMPOSER_FILE = "pytorch_model.bin"  # the official file's name, so the ship
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> HeadlessComfy:
-    comfyui_path = os.environ.get("COMFYUI_PATH")
-    if not comfyui_path:
-        pytest.skip("COMFYUI_PATH is not set: host-tier tests need a ComfyUI 0.3.64 checkout with its requirements")
+    comfyui_path = require_comfyui()
     # ComfyUI keeps text and vision encoders in fp16 by default; fp32 makes the exactness tests meaningful.
     return HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"), extra_args=("--fp32-text-enc",))
 

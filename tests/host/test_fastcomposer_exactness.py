@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hostenv import require_comfyui
+
+require_comfyui()
 pytest.importorskip("diffusers", reason="the exactness tests compare against diffusers / transformers")
 from reference import fastcomposer_hf as hf  # noqa: E402
 from reference.fusion import fuse as reference_fuse  # noqa: E402
@@ -93,11 +96,12 @@ def test_long_prompt_binds_a_word_in_the_second_chunk(fastcomposer_models, check
 def test_text_encoder_matches_transformers(fastcomposer_models, checkpoint):
     clip = fastcomposer_models[1]
     tokens = clip.tokenize("a man and a woman reading a book together, photograph")
-    ours, _ = clip.encode_from_tokens(tokens, return_pooled=True)
+    ours, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     ids = torch.tensor([[token for token, _ in tokens["l"][0]]])
     with torch.no_grad():
-        expected = hf.text_encoder(checkpoint)(ids).last_hidden_state
-    assert relative_error(ours, expected) <= RELATIVE_TOLERANCE
+        expected = hf.text_encoder(checkpoint)(ids)
+    assert relative_error(ours, expected.last_hidden_state) <= RELATIVE_TOLERANCE
+    assert relative_error(pooled, expected.pooler_output) <= RELATIVE_TOLERANCE
 
 
 def test_vision_tower_matches_transformers(fastcomposer_models, checkpoint):

@@ -1,0 +1,91 @@
+"""Every shipped workflow opens (known nodes, consistent links, clean layout) and runs end to end in ComfyUI."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hostenv import require_comfyui
+
+require_comfyui()
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
+FAST_STEPS = 2
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def synthetic_subject(path, seed):
+    """A seeded picture of a 'subject': a coloured ellipse on a plain background."""
+    rng = np.random.default_rng(seed)
+    height, width = 96 + 16 * (seed % 3), 80
+    y, x = np.mgrid[:height, :width]
+    inside = ((y - height / 2) / (height / 3)) ** 2 + ((x - width / 2) / (width / 3)) ** 2 <= 1
+    image = np.where(inside[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)
+    Image.fromarray(image).save(path)
+
+
+def fast(prompt):
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=FAST_SIZE, height=FAST_SIZE)
+        if "steps" in inputs:
+            inputs["steps"] = FAST_STEPS
+    return prompt
+
+
+def test_there_are_workflows():
+    names = {path.name for path in WORKFLOWS}
+    assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_opens_in_the_graph_editor_format(path, comfy):
+    workflow = load(path)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    for node in nodes.values():
+        assert node["type"] in comfy.nodes.NODE_CLASS_MAPPINGS, f"{path.name}: missing node type {node['type']}"
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[source]["outputs"][source_slot]["type"] == kind
+    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes.values()]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{path.name}: overlapping nodes"
+    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
+    prompt = fast(comfy.workflow_to_prompt(load(path)))
+    classes = {node["class_type"] for node in prompt.values()}
+    if "FastComposerLoader" in classes:
+        request.getfixturevalue("fastcomposer_file")
+    image_nodes = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
+    assert image_nodes, f"{path.name} has no subject image"
+    for seed, node in enumerate(image_nodes):
+        synthetic_subject(comfy.input_dir / node["inputs"]["image"], seed)
+    sampler = next(node for node in prompt.values() if "seed" in node["inputs"])
+
+    def run():
+        paths = comfy.output_images(comfy.execute(prompt))
+        assert len(paths) == 1
+        return np.asarray(Image.open(paths[0]))
+
+    first = run()
+    assert first.shape == (FAST_SIZE, FAST_SIZE, 3) and first.std() > 0
+    sampler["inputs"]["seed"] += 1
+    other_seed = run()
+    sampler["inputs"]["seed"] -= 1
+    assert np.array_equal(run(), first), "same seed, same inputs: the image must be identical"
+    assert not np.array_equal(other_seed, first)
+
+    synthetic_subject(comfy.input_dir / "changed_subject.png", seed=99)
+    image_nodes[0]["inputs"]["image"] = "changed_subject.png"
+    assert not np.array_equal(run(), first), "a different subject image must change the result"

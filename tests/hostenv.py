@@ -1,0 +1,14 @@
+"""The host tier's precondition, checked at the top of every host-tier module before heavy imports."""
+import os
+
+import pytest
+
+REASON = "COMFYUI_PATH is not set: host-tier tests need a ComfyUI 0.3.64 checkout with its requirements installed"
+
+
+def require_comfyui() -> str:
+    """COMFYUI_PATH, or skip the calling module with the reason printed in the summary."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip(REASON, allow_module_level=True)
+    return path

@@ -1,0 +1,101 @@
+"""Run one of the pack's example workflows headless through ComfyUI: the pack's main job from a terminal.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tools/run_workflow.py workflows/fastcomposer_two_subjects.json \
+        --subject man.jpg --subject woman.jpg
+
+With the workflow's weights installed in ComfyUI's models folders, this renders the workflow as saved, with
+your subject photos. Without them it runs a SELF-CHECK instead: the same graph on seeded random weights
+(written to a temporary folder) and synthetic subject images, at 64x64 with 2 steps. Its image is noise by
+design; it shows that the pack, the graph and ComfyUI work together on this machine.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tools folder only, never the pack root
+from comfy_headless import HeadlessComfy  # noqa: E402
+
+SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
+LOADERS = {"FastComposerLoader": ("fastcomposer", "checkpoint")}
+
+
+def missing_weights(comfy: HeadlessComfy, prompt: dict) -> list[str]:
+    missing = []
+    for node in prompt.values():
+        if node["class_type"] in LOADERS:
+            folder, input_name = LOADERS[node["class_type"]]
+            if node["inputs"][input_name] not in comfy.folder_paths.get_filename_list(folder):
+                missing.append(f"models/{folder}/{node['inputs'][input_name]}")
+    return missing
+
+
+def write_random_weights(comfy: HeadlessComfy, prompt: dict) -> None:
+    from random_fastcomposer import write_random_fastcomposer
+    for node in prompt.values():
+        if node["class_type"] == "FastComposerLoader":
+            print("self-check: writing a FastComposer checkpoint with seeded random weights (about 5 GB, once)")
+            write_random_fastcomposer(comfy.model_dir("fastcomposer") / node["inputs"]["checkpoint"], seed=0)
+
+
+def synthetic_subject(path: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:128, :96]
+    inside = ((y - 64) / 40) ** 2 + ((x - 48) / 30) ** 2 <= 1
+    Image.fromarray(np.where(inside[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workflow", type=Path, help="a workflow JSON from workflows/")
+    parser.add_argument("--subject", action="append", type=Path, default=[],
+                        help="a subject photo, once per subject, in the order of the workflow's image nodes")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
+    parser.add_argument("--output", type=Path, default=Path("output"), help="where to copy the resulting images")
+    args = parser.parse_args()
+    if not args.comfyui:
+        parser.error("set COMFYUI_PATH or pass --comfyui: this runs the workflow through a real ComfyUI")
+
+    comfy = HeadlessComfy(args.comfyui)
+    prompt = comfy.workflow_to_prompt(json.loads(args.workflow.read_text()))
+    missing = missing_weights(comfy, prompt)
+    if missing:
+        print(f"SELF-CHECK on seeded random weights (not installed: {', '.join(missing)}); the image is noise by design")
+        scratch = Path(tempfile.mkdtemp(prefix="subject_personalization_selfcheck_"))
+        comfy.use_scratch_directories(scratch, tuple(folder for folder, _ in LOADERS.values()))
+        write_random_weights(comfy, prompt)
+        for node in prompt.values():
+            if node["class_type"] == "EmptyLatentImage":
+                node["inputs"].update(width=SELF_CHECK_SIZE, height=SELF_CHECK_SIZE)
+            if "steps" in node["inputs"]:
+                node["inputs"]["steps"] = SELF_CHECK_STEPS
+
+    image_nodes = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
+    if args.subject and len(args.subject) != len(image_nodes):
+        parser.error(f"{args.workflow.name} takes {len(image_nodes)} subject image(s), {len(args.subject)} given")
+    for index, node in enumerate(image_nodes):
+        target = comfy.input_dir / f"run_workflow_subject_{index + 1}.png"
+        if args.subject:
+            shutil.copy(args.subject[index], target)
+        elif missing:
+            synthetic_subject(target, seed=index)
+        elif not (comfy.input_dir / node["inputs"]["image"]).exists():
+            parser.error(f"give the subject photos with --subject (the workflow's {node['inputs']['image']} is not in ComfyUI's input folder)")
+        else:
+            continue
+        node["inputs"]["image"] = target.name
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    for image in comfy.output_images(comfy.execute(prompt)):
+        destination = args.output / (("selfcheck_" if missing else "") + image.name)
+        shutil.copy(image, destination)
+        print(f"{'SELF-CHECK image' if missing else 'image'}: {destination}")
+
+
+if __name__ == "__main__":
+    main()
