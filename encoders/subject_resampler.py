@@ -1,0 +1,126 @@
+"""The subject encoder: M learned queries resample CLIP vision tokens into M subject tokens (METHODS.md §2).
+
+Input: the patch tokens of ComfyUI's CLIP_VISION output (ViT-L/14: (B, 257, 1024), ViT-H/14: (B, 257, 1280)),
+optionally several reference images of one subject, (B, n_images, 257, W). Each block is pre-LayerNorm:
+the queries attend jointly to [image tokens; queries] (cross-attention to the image and self-attention of the
+queries in one softmax, as in Perceiver / IP-Adapter-Plus resamplers), then a feed-forward; both residual.
+Output tokens are `base_token + proj_out(norm_out(queries))`: with `proj_out` zero-initialised every token
+starts at `base_token` (the trainer sets it to the initializer word's context vector).
+An optional identity branch maps an ArcFace embedding (B, 512) to extra tokens appended to the output.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+MAX_QUERIES = 256
+
+
+@dataclass
+class ResamplerConfig:
+    vision_width: int = 1024            # CLIP vision hidden width: 1024 ViT-L/14, 1280 ViT-H/14
+    num_queries: int = 16               # M learned queries = subject tokens per image
+    depth: int = 4
+    width: int = 768                    # internal width of the queries
+    heads: int = 12
+    output_width: int = 768             # D = the base model's context width (768 sd15, 2048 sdxl)
+    ff_mult: int = 4
+    identity_width: int | None = None   # 512 for an ArcFace embedding; None: no identity branch
+    identity_tokens: int = 0
+    norm_after_projection: bool = False  # True: out = base + LN(proj_out(q)), the IP-Adapter-Plus order (imports)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_queries <= MAX_QUERIES:
+            raise ValueError(f"num_queries must be in 1..{MAX_QUERIES}, got {self.num_queries}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if (self.identity_width is None) != (self.identity_tokens == 0):
+            raise ValueError(f"identity_width ({self.identity_width}) and identity_tokens ({self.identity_tokens}) "
+                             f"must be set together")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ResamplerConfig":
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown resampler config fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, width: int, mult: int):
+        super().__init__(nn.LayerNorm(width), nn.Linear(width, width * mult, bias=False), nn.GELU(),
+                         nn.Linear(width * mult, width, bias=False))
+
+
+class QueryAttention(nn.Module):
+    """Queries attend to [image tokens; queries]; pre-LayerNorm on both, no biases."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_image = nn.LayerNorm(width)
+        self.norm_queries = nn.LayerNorm(width)
+        self.to_q = nn.Linear(width, width, bias=False)
+        self.to_kv = nn.Linear(width, 2 * width, bias=False)
+        self.to_out = nn.Linear(width, width, bias=False)
+
+    def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        queries = self.norm_queries(queries)
+        context = torch.cat([self.norm_image(image), queries], dim=1)
+        q = rearrange(self.to_q(queries), "b m (h d) -> b h m d", h=self.heads)
+        k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        return self.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h m d -> b m (h d)"))
+
+
+class SubjectResampler(nn.Module):
+    def __init__(self, config: ResamplerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.queries = nn.Parameter(torch.randn(1, c.num_queries, c.width) / c.width ** 0.5)
+        self.proj_in = nn.Linear(c.vision_width, c.width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([QueryAttention(c.width, c.heads), FeedForward(c.width, c.ff_mult)]) for _ in range(c.depth))
+        self.norm_out = nn.LayerNorm(c.output_width if c.norm_after_projection else c.width)
+        self.proj_out = nn.Linear(c.width, c.output_width)
+        self.base_token = nn.Parameter(torch.zeros(c.output_width))
+        if c.identity_width is not None:
+            self.identity = nn.Sequential(nn.LayerNorm(c.identity_width), nn.Linear(c.identity_width, c.width),
+                                          nn.GELU(), nn.Linear(c.width, c.identity_tokens * c.output_width))
+
+    def _encode(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        image = self.proj_in(image_tokens)
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        for attention, feed_forward in self.blocks:
+            queries = queries + attention(image, queries)
+            queries = queries + feed_forward(queries)
+        if self.config.norm_after_projection:
+            return self.base_token + self.norm_out(self.proj_out(queries))
+        return self.base_token + self.proj_out(self.norm_out(queries))
+
+    def forward(self, image_tokens: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 257, W) or (B, n_images, 257, W) [+ identity (B, 512) or (B, n_images, 512)] -> (B, M [+ I], D)."""
+        c = self.config
+        if image_tokens.shape[-1] != c.vision_width:
+            raise ValueError(f"this encoder expects {c.vision_width}-wide CLIP vision tokens, "
+                             f"got {image_tokens.shape[-1]}-wide")
+        if image_tokens.ndim == 3:
+            image_tokens = image_tokens.unsqueeze(1)
+        batch, n_images = image_tokens.shape[:2]
+        tokens = self._encode(image_tokens.flatten(0, 1)).view(batch, n_images, c.num_queries, c.output_width)
+        # Average outputs, not CLIP tokens: each image then stays on the encoder's training distribution.
+        tokens = tokens.mean(dim=1)
+        if (identity is None) != (c.identity_width is None):
+            raise ValueError("this encoder " + ("needs an ArcFace identity embedding" if identity is None
+                                                else "has no identity branch, but an identity embedding was given"))
+        if identity is None:
+            return tokens
+        extra = self.base_token + self.identity(identity).unflatten(-1, (c.identity_tokens, c.output_width))
+        if extra.ndim == 4:
+            extra = extra.mean(dim=1)  # several images: average like the image tokens
+        return torch.cat([tokens, extra], dim=1)

@@ -1,0 +1,92 @@
+"""Load a Nested Attention adapter, or create a fresh one for a base model (the trainer's starting point)."""
+import os
+
+import torch
+
+import folder_paths
+
+from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, new_nested_adapter, save_nested_adapter
+from ..encoders.unet_layers import cross_attention_layers
+from .base_model import attn2_weights, clip_tokenizers, model_family
+from .subjects import CATEGORY as PACK_CATEGORY
+
+CATEGORY = f"{PACK_CATEGORY}/Nested Attention"
+VISION_MODELS = {"ViT-L/14": 1024, "ViT-H/14": 1280}
+DOMAINS = ["person", "pet", "object", "other"]
+
+
+def initializer_vectors(clip, word: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The word's input embedding per text encoder, and its context vector when encoded on its own."""
+    tokens = clip.tokenize(word)
+    embeddings = {}
+    for key, tokenizer in clip_tokenizers(clip).items():
+        ids = tokenizer.tokenizer(word)["input_ids"][1:-1]
+        if len(ids) != 1:
+            raise ValueError(f"the initializer word {word!r} is {len(ids)} tokens for CLIP-{key.upper()}; choose a "
+                             f"single-token word such as 'person', 'dog' or 'cat'")
+        encoder = getattr(clip.cond_stage_model, f"clip_{key}")
+        embeddings[key] = encoder.transformer.get_input_embeddings().weight[ids[0]].detach().float().cpu()
+    context, _ = clip.encode_from_tokens(tokens, return_pooled=True)
+    return embeddings, context[0, 1].float().cpu()  # position 1: the word right after the start token
+
+
+def fresh_adapter(model, clip, initializer_word: str, vision_model: str, subject_domain: str, seed: int = 0) -> NestedAdapter:
+    family = model_family(model)
+    layers = cross_attention_layers(family)
+    embeddings, context = initializer_vectors(clip, initializer_word)
+    return new_nested_adapter(family, VISION_MODELS[vision_model], subject_domain, initializer_word, embeddings, context,
+                              attn2_weights(model, layers, "to_k"), attn2_weights(model, layers, "to_v"), seed=seed)
+
+
+class NestedAttentionLoader:
+    DESCRIPTION = ("Loads a Nested Attention adapter (.safetensors in models/nested_attention): the subject encoder, "
+                   "the per-layer nested key/value maps and the subject token, for one base family and domain.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("NESTED_ADAPTER",)
+    RETURN_NAMES = ("nested_adapter",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"adapter": (folder_paths.get_filename_list("nested_attention"),
+                                         {"tooltip": "An adapter file from models/nested_attention."})}}
+
+    def load(self, adapter: str):
+        loaded = load_nested_adapter(folder_paths.get_full_path_or_raise("nested_attention", adapter))
+        return (loaded.float().eval().requires_grad_(False),)
+
+
+class NestedAttentionNewAdapter:
+    DESCRIPTION = ("Creates a freshly initialised Nested Attention adapter for this MODEL and CLIP and saves it in "
+                   "models/nested_attention. It starts as close to the base model as possible (the subject token "
+                   "behaves like the initializer word): the starting point for training, and a self-check.")
+    CATEGORY = CATEGORY
+    FUNCTION = "create"
+    RETURN_TYPES = ("NESTED_ADAPTER",)
+    RETURN_NAMES = ("nested_adapter",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model the adapter is for."}),
+            "clip": ("CLIP", {"tooltip": "That model's text encoder(s)."}),
+            "initializer_word": ("STRING", {"default": "person", "tooltip": "A single-token word the subject token starts from."}),
+            "subject_domain": (DOMAINS, {"tooltip": "What kind of subject the adapter is for."}),
+            "vision_model": (list(VISION_MODELS), {"tooltip": "The CLIP vision model whose tokens the encoder reads."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "filename": ("STRING", {"default": "nested_new_adapter", "tooltip": "Saved as models/nested_attention/<filename>.safetensors."}),
+        }}
+
+    def create(self, model, clip, initializer_word, subject_domain, vision_model, seed, filename):
+        adapter = fresh_adapter(model, clip, initializer_word.strip(), vision_model, subject_domain, seed)
+        folder = folder_paths.get_folder_paths("nested_attention")[0]
+        os.makedirs(folder, exist_ok=True)
+        save_nested_adapter(os.path.join(folder, f"{filename}.safetensors"), adapter)
+        adapter.name = filename
+        return (adapter.eval().requires_grad_(False),)
+
+
+NODE_CLASS_MAPPINGS = {"NestedAttentionLoader": NestedAttentionLoader, "NestedAttentionNewAdapter": NestedAttentionNewAdapter}
+NODE_DISPLAY_NAME_MAPPINGS = {"NestedAttentionLoader": "Load Nested Attention Adapter",
+                              "NestedAttentionNewAdapter": "Create Nested Attention Adapter"}

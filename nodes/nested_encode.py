@@ -1,0 +1,69 @@
+"""Nested Attention Encode: bind each subject to its word, as the subject token s*, and encode the prompt."""
+import torch
+
+from ..encoders.subject_prompt import mark_subject_words, prompt_with_sentinels, remove_sentinels
+from .base_model import clip_tokenizers
+from .nested_adapter_nodes import CATEGORY
+
+BINDINGS_KEY = "subject_bindings"  # in a CONDITIONING's dict: ((Subject, signature), ...)
+
+
+def bound_token_positions(clip, text: str, words: list[str]) -> tuple[dict, list[int]]:
+    """Tokenize with each subject word marked; returns the clean token chunks per encoder and the positions."""
+    marked_text, _ = prompt_with_sentinels(mark_subject_words(text, words))
+    tokens = clip.tokenize(marked_text, return_word_ids=True)
+    chunks, positions = {}, None
+    for key, tokenizer in clip_tokenizers(clip).items():
+        marked = remove_sentinels(tokens[key], sentinel_token=tokenizer.end_token, pad_token=tokenizer.pad_token)
+        if positions is not None and marked.subject_positions != positions:
+            raise ValueError("the text encoders tokenized the prompt differently; cannot bind subjects")
+        chunks[key], positions = marked.chunks, marked.subject_positions
+    return chunks, positions
+
+
+def encode_with_subjects(clip, subjects, text: str) -> list:
+    chunks, positions = bound_token_positions(clip, text, [subject.word for subject in subjects])
+    token_pairs = {key: [[(token, weight) for token, weight, _ in chunk] for chunk in key_chunks]
+                   for key, key_chunks in chunks.items()}
+    for subject, position in zip(subjects, positions):
+        if subject.adapter is None:
+            continue
+        for key, key_chunks in token_pairs.items():
+            chunk_length = len(key_chunks[0])
+            chunk, index = key_chunks[position // chunk_length], position % chunk_length
+            # s* is a new token: the subject word's last token gets the adapter's own input embedding.
+            chunk[index] = (subject.adapter.placeholder_embeddings[key].detach().float().cpu(), chunk[index][1])
+    cond, pooled = clip.encode_from_tokens(token_pairs, return_pooled=True)
+    signatures = [cond[0, position].clone() for position in positions]
+    if len({tuple(signature.tolist()) for signature in signatures}) != len(signatures):
+        raise ValueError("two subjects ended up with identical token states; give them different words or adapters")
+    return [[cond, {"pooled_output": pooled, BINDINGS_KEY: tuple(zip(subjects, signatures))}]]
+
+
+class NestedAttentionEncode:
+    DESCRIPTION = ("Encodes the prompt with each subject bound to its word as the subject token. Connect the output "
+                   "both to 'Apply Nested Attention' and to the sampler's positive input. Encode the negative prompt "
+                   "with an ordinary CLIP Text Encode.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP",),
+            "subjects": ("SUBJECTS",),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "default": "a photo of a person walking a dog on the beach",
+                                "tooltip": "The prompt. Each subject's word must appear in it, in subject order "
+                                           "for repeated words."}),
+        }}
+
+    def encode(self, clip, subjects, text):
+        if not subjects:
+            raise ValueError("the subject list is empty; connect a 'Nested Attention Subject'")
+        return (encode_with_subjects(clip, subjects, text),)
+
+
+NODE_CLASS_MAPPINGS = {"NestedAttentionEncode": NestedAttentionEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"NestedAttentionEncode": "Nested Attention Encode"}

@@ -1,0 +1,67 @@
+"""Nested Attention Subject: photos of one subject -> its encoder tokens, appended to a SUBJECTS list."""
+import torch
+
+from ..encoders.nested_adapter import CLIP_VISION
+from .nested_adapter_nodes import CATEGORY
+from .subjects import Subject, append_subject, with_mask
+
+CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
+
+
+def encode_subject_tokens(adapter, clip_vision, images: torch.Tensor) -> torch.Tensor:
+    """(n, H, W, C) photos of one subject -> the adapter's encoder tokens (1, M, D), averaged over the photos."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty IMAGE batch, got shape {tuple(images.shape)}")
+    hidden = clip_vision.encode_image(images)[CLIP_VISION_OUTPUTS[adapter.vision_hidden_state]]
+    if hidden.shape[-1] != adapter.vision_width:
+        got = CLIP_VISION.get(hidden.shape[-1], "an unknown CLIP vision model")
+        raise ValueError(f"adapter {adapter.name} expects {CLIP_VISION[adapter.vision_width]} tokens "
+                         f"({adapter.vision_width} wide) but this CLIP_VISION gives {hidden.shape[-1]}-wide tokens "
+                         f"({got}): load the matching CLIP vision model")
+    parameter = next(adapter.parameters())
+    with torch.no_grad():
+        return adapter.resampler(hidden.to(parameter)[None]).float().cpu()
+
+
+class NestedAttentionSubject:
+    DESCRIPTION = ("Encodes photos of one subject (a person, a pet, an object) with a Nested Attention adapter and adds "
+                   "it to a subject list. The subject binds to its word in the prompt of 'Nested Attention Encode'. "
+                   "Chain several of these (each may use its own adapter) for several subjects.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("SUBJECTS",)
+    RETURN_NAMES = ("subjects",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "nested_adapter": ("NESTED_ADAPTER",),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with."}),
+                "image": ("IMAGE", {"tooltip": "One or more photos of the subject; their encodings are averaged."}),
+                "word": ("STRING", {"default": "person", "tooltip": "The prompt word that stands for this subject, "
+                                    "e.g. 'person', 'dog'. Its first unused occurrence in the prompt is bound."}),
+                "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                     "tooltip": "This subject's strength (multiplies the patch strength)."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            "optional": {
+                "subjects": ("SUBJECTS", {"tooltip": "A list to append this subject to."}),
+                "mask": ("MASK", {"tooltip": "Where this subject may appear in the image; resized to every attention resolution."}),
+            },
+        }
+
+    def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None, mask=None):
+        word = word.strip()
+        if not word:
+            raise ValueError("give the subject a word that appears in the prompt, e.g. 'person'")
+        if start_percent >= end_percent:
+            raise ValueError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
+        tokens = encode_subject_tokens(nested_adapter, clip_vision, image)
+        subject = Subject(word, image, None, weight, start_percent, end_percent, nested_adapter, tokens)
+        return (append_subject(subjects, with_mask(subject, mask)),)
+
+
+NODE_CLASS_MAPPINGS = {"NestedAttentionSubject": NestedAttentionSubject}
+NODE_DISPLAY_NAME_MAPPINGS = {"NestedAttentionSubject": "Nested Attention Subject"}
