@@ -71,7 +71,7 @@ class SubjectAttentionPatch:
             for subject in self.subjects:
                 if subject.sigma_end <= sigma <= subject.sigma_start:
                     for token_index in find_subject_tokens(conditioning["c_crossattn"], args["cond_or_uncond"], subject.signature):
-                        found.append((subject, token_index))
+                        found.append((subject, token_index.cpu()))  # once per step; layers read it on the host
             if found:
                 options = {**conditioning.get("transformer_options", {}), self.options_key: found}
                 args = {**args, "c": {**conditioning, "transformer_options": options}}
@@ -107,20 +107,37 @@ class SubjectAttentionPatch:
         return self._device_cache[cache_key]
 
     def _attn2(self, previous):
+        def plain(q, k, v, extra_options):
+            return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, extra_options["n_heads"])
+
         def attn2(q, k, v, extra_options):
-            heads = extra_options["n_heads"]
-            found = extra_options.get(self.options_key)
-            if not found:
-                return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, heads)
-            key = layer_key(extra_options)
-            bindings = []
-            for subject, token_index in found:
+            key, bindings = layer_key(extra_options), []
+            for subject, token_index in extra_options.get(self.options_key, ()):
                 nested_keys, nested_values = self._nested(subject, key, q)
-                bindings.append(SubjectBinding(token_index.to(q.device), nested_keys, nested_values, subject.strength,
-                                               self._query_mask(subject, extra_options, q)))
-            out = subject_attention(q, k, v, heads, bindings)
-            if previous is None:
-                return out
-            # Another pack's replacement runs as before; our subjects add their difference to plain attention.
-            return previous(q, k, v, extra_options) + out - optimized_attention(q, k, v, heads)
+                if subject.mask is not None or (nested_keys is not None and subject.strength > 0):
+                    bindings.append(SubjectBinding(token_index, nested_keys, nested_values, subject.strength,
+                                                   self._query_mask(subject, extra_options, q)))
+            if not bindings:
+                return plain(q, k, v, extra_options)
+            # Rows without an acting subject (the negative, other prompts) keep the unpatched kernel's output, bit
+            # for bit: it runs on the whole batch, as unpatched, unless every row carries a subject.
+            rows = torch.stack([binding.token_index >= 0 for binding in bindings]).any(dim=0)
+            carried, heads = rows.nonzero().flatten(), extra_options["n_heads"]
+            base = plain(q, k, v, extra_options) if previous is not None or not rows.all() else None
+            subject_out = subject_attention(q[carried], k[carried], v[carried], heads,
+                                            [_rows_of(binding, carried) for binding in bindings])
+            if base is None:
+                return subject_out
+            if previous is not None:  # another pack's replacement keeps its effect; ours adds its difference
+                subject_out += base[carried] - optimized_attention(q[carried], k[carried], v[carried], heads)
+            base[carried] = subject_out
+            return base
         return attn2
+
+
+def _rows_of(binding: SubjectBinding, rows: torch.Tensor) -> SubjectBinding:
+    """The binding restricted to some batch rows (per-row nested tensors and masks included)."""
+    per_row = lambda tensor, ndim: tensor[rows.to(tensor.device)] if tensor is not None and tensor.ndim == ndim \
+        and tensor.shape[0] == binding.token_index.shape[0] else tensor
+    return SubjectBinding(binding.token_index[rows.cpu()], per_row(binding.nested_keys, 3),
+                          per_row(binding.nested_values, 3), binding.strength, per_row(binding.query_mask, 2))

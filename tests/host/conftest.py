@@ -31,3 +31,37 @@ def fastcomposer_models(comfy, fastcomposer_file):
 def node(comfy):
     """Instantiate a registered node class by name."""
     return lambda name: comfy.nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint_file(comfy, fastcomposer_models):
+    """An ordinary SD1.5 checkpoint (ComfyUI's layout) with the same random weights, for the Nested Attention workflows."""
+    import comfy.sd
+    model, clip, vae = fastcomposer_models[:3]
+    path = comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors"
+    comfy.sd.save_checkpoint(str(path), model, clip, vae)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_vision_file(comfy, fastcomposer_models):
+    """A CLIP ViT-L/14 vision model file (the random FastComposer vision tower)."""
+    from safetensors.torch import save_file
+    path = comfy.model_dir("clip_vision") / "CLIP-ViT-L-14.safetensors"
+    save_file({key: tensor.contiguous() for key, tensor in fastcomposer_models[3].get_sd().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def nested_adapter_files(comfy, fastcomposer_models):
+    """Freshly initialised SD1.5 adapters for a person and a pet, as the workflows name them."""
+    from subject_personalization.encoders.nested_adapter import save_nested_adapter
+    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
+    model, clip = fastcomposer_models[:2]
+    folder = comfy.model_dir("nested_attention")
+    paths = {}
+    for name, word, domain, seed in (("nested_person_sd15", "person", "person", 1), ("nested_pet_sd15", "dog", "pet", 2)):
+        paths[name] = folder / f"{name}.safetensors"
+        save_nested_adapter(paths[name], fresh_adapter(model, clip, word, "ViT-L/14", domain, seed))
+    return paths
+

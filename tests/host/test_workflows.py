@@ -13,6 +13,13 @@ from PIL import Image  # noqa: E402
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
 FAST_STEPS = 2
+# The session fixtures that put in place the model files each loader node of a workflow names.
+WORKFLOW_FIXTURES = {
+    "FastComposerLoader": ("fastcomposer_file",),
+    "CheckpointLoaderSimple": ("sd15_checkpoint_file",),
+    "CLIPVisionLoader": ("clip_vision_file",),
+    "NestedAttentionLoader": ("nested_adapter_files",),
+}
 
 
 def load(path):
@@ -41,7 +48,8 @@ def fast(prompt):
 
 def test_there_are_workflows():
     names = {path.name for path in WORKFLOWS}
-    assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json"} <= names
+    assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json",
+            "nested_single_subject.json", "nested_person_and_pet.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -64,9 +72,9 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
 def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
     prompt = fast(comfy.workflow_to_prompt(load(path)))
-    classes = {node["class_type"] for node in prompt.values()}
-    if "FastComposerLoader" in classes:
-        request.getfixturevalue("fastcomposer_file")
+    for node in prompt.values():
+        for fixture in WORKFLOW_FIXTURES.get(node["class_type"], ()):
+            request.getfixturevalue(fixture)
     image_nodes = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
     assert image_nodes, f"{path.name} has no subject image"
     for seed, node in enumerate(image_nodes):

@@ -1,0 +1,181 @@
+"""Nested Attention patched into a real ComfyUI SD1.5 UNet: the contract of the patch, in the host."""
+import copy
+import math
+
+import pytest
+import torch
+
+from hostenv import require_comfyui
+
+require_comfyui()
+
+PROMPT = "a photo of a person walking a dog on the beach"
+LONG_PROMPT = ", ".join(["a quiet street with old trees"] * 12) + ", and a person walking a dog"
+SIGMA = 3.0
+LAYOUT_TOLERANCE = 1e-4  # a row batched with others may take another summation order (seen: 1.6e-5)
+REFERENCE_TOLERANCE = 1e-4  # float32 layer vs float64 reference
+
+
+@pytest.fixture(scope="module")
+def nested(fastcomposer_models, node):
+    """Two subjects from two freshly initialised adapters, bound to 'person' and 'dog'."""
+    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
+    model, clip, _, clip_vision, _ = fastcomposer_models
+    person = fresh_adapter(model, clip, "person", "ViT-L/14", "person", seed=1)
+    pet = fresh_adapter(model, clip, "dog", "ViT-L/14", "pet", seed=2)
+    # A fresh adapter starts at the base model; perturb the encoders so the subjects have a visible effect.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in (person, pet):
+            adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=generator)
+    images = [torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    (subjects,) = node("NestedAttentionSubject").encode(person, clip_vision, images[0], "person", 1.0, 0.0, 1.0)
+    (subjects,) = node("NestedAttentionSubject").encode(pet, clip_vision, images[1], "dog", 1.0, 0.0, 1.0, subjects=subjects)
+    (positive,) = node("NestedAttentionEncode").encode(clip, subjects, PROMPT)
+    (long_positive,) = node("NestedAttentionEncode").encode(clip, subjects, LONG_PROMPT)
+    (negative,) = node("CLIPTextEncode").encode(clip, "blurry, lowres")
+    return {"subjects": subjects, "positive": positive, "long_positive": long_positive, "negative": negative}
+
+
+def apply(node, model, positive, strength=1.0):
+    return node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)[0]
+
+
+LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # every row gets the same latent
+
+
+def run_wrapped(patched, contexts, cond_or_uncond):
+    """One UNet call the way ComfyUI's sampler makes it: through the installed model wrapper."""
+    context = torch.cat(contexts)
+    latents = LATENT.expand(context.shape[0], -1, -1, -1)
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": cond_or_uncond}
+    args = {"input": latents, "timestep": torch.full((context.shape[0],), SIGMA), "cond_or_uncond": cond_or_uncond,
+            "c": {"c_crossattn": context, "transformer_options": options}}
+    with torch.no_grad():
+        return patched.model_options["model_function_wrapper"](patched.model.apply_model, args)
+
+
+def run_plain(model, contexts):
+    context = torch.cat(contexts)
+    latents = LATENT.expand(context.shape[0], -1, -1, -1)
+    with torch.no_grad():
+        return model.model.apply_model(latents, torch.full((context.shape[0],), SIGMA), c_crossattn=context,
+                                       transformer_options={})
+
+
+def test_apply_patches_every_layer_of_a_clone_and_leaves_the_model_alone(fastcomposer_models, nested, node):
+    model = fastcomposer_models[0]
+    options_before = copy.deepcopy({k: v for k, v in model.model_options.items() if k != "transformer_options"})
+    transformer_options_before = copy.deepcopy(model.model_options["transformer_options"])
+    patched = apply(node, model, nested["positive"])
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 16
+    assert "model_function_wrapper" in patched.model_options
+    assert model.model_options["transformer_options"] == transformer_options_before
+    assert {k: v for k, v in model.model_options.items() if k != "transformer_options"} == options_before
+    assert not model.patches and patched.model is model.model  # weights shared, never modified
+
+
+def test_strength_zero_is_the_unpatched_model(fastcomposer_models, nested, node):
+    model = fastcomposer_models[0]
+    positive, negative = nested["positive"], nested["negative"]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (plain,) = node("KSampler").sample(model, 0, 2, 5.0, "ddim", "ddim_uniform", positive, negative, latent)
+    (zero,) = node("KSampler").sample(apply(node, model, positive, 0.0), 0, 2, 5.0, "ddim", "ddim_uniform",
+                                      positive, negative, latent)
+    (full,) = node("KSampler").sample(apply(node, model, positive, 1.0), 0, 2, 5.0, "ddim", "ddim_uniform",
+                                      positive, negative, latent)
+    assert torch.equal(zero["samples"], plain["samples"])  # exact: rows without an acting subject use ComfyUI's kernel
+    assert not torch.equal(full["samples"], plain["samples"])
+
+
+def test_only_the_positive_branch_changes_in_the_sampler(fastcomposer_models, nested, node):
+    model = fastcomposer_models[0]
+    recorded = {}
+
+    def recorder(name):
+        def cfg(args):
+            recorded.setdefault(name, (args["cond_denoised"].clone(), args["uncond_denoised"].clone()))
+            return args["uncond_denoised"] + (args["cond_denoised"] - args["uncond_denoised"]) * args["cond_scale"]
+        return cfg
+
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    for name, candidate in (("plain", model), ("patched", apply(node, model, nested["positive"]))):
+        candidate = candidate.clone()
+        candidate.set_model_sampler_cfg_function(recorder(name))
+        node("KSampler").sample(candidate, 0, 1, 5.0, "ddim", "ddim_uniform", nested["positive"], nested["negative"], latent)
+    assert torch.equal(recorded["patched"][1], recorded["plain"][1]), "the negative branch must be untouched"
+    assert not torch.equal(recorded["patched"][0], recorded["plain"][0])
+
+
+def test_subject_tokens_are_found_in_every_batch_layout(fastcomposer_models, nested, node):
+    model = fastcomposer_models[0]
+    positive, long_positive, negative = (nested[k][0][0] for k in ("positive", "long_positive", "negative"))
+    patched = apply(node, model, nested["positive"] + nested["long_positive"])
+    alone = run_wrapped(patched, [positive], [0])
+    negative_alone = run_wrapped(patched, [negative], [1])
+    assert not torch.equal(alone, run_plain(model, [positive])), "the subjects must change the positive row"
+    assert torch.equal(negative_alone, run_plain(model, [negative]))
+
+    together = run_wrapped(patched, [positive, negative], [0, 1])
+    reversed_order = run_wrapped(patched, [negative, positive], [1, 0])
+    torch.testing.assert_close(together[0], alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+    torch.testing.assert_close(reversed_order[1], alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+    torch.testing.assert_close(together[1], negative_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+
+    two_per_chunk = run_wrapped(patched, [positive, positive, negative, negative], [0, 1])
+    for row, expected in ((0, alone[0]), (1, alone[0]), (2, negative_alone[0]), (3, negative_alone[0])):
+        torch.testing.assert_close(two_per_chunk[row], expected, rtol=0, atol=LAYOUT_TOLERANCE)
+
+    # Two positive prompts of different lengths batched together: the short one is repeated to 154 tokens.
+    long_alone = run_wrapped(patched, [long_positive], [0])
+    assert not torch.equal(long_alone, run_plain(model, [long_positive]))
+    mixed = run_wrapped(patched, [positive.repeat(1, 2, 1), long_positive, negative.repeat(1, 2, 1)], [0, 0, 1])
+    torch.testing.assert_close(mixed[0], alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+    torch.testing.assert_close(mixed[1], long_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+    torch.testing.assert_close(mixed[2], negative_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+
+
+def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastcomposer_models, nested, node, comfy):
+    """Capture one layer's real q, k, v (through a replacement another pack installed first, which the patch
+    must wrap), then check the patched layer against a float64 evaluation of METHODS.md §2."""
+    from subject_personalization.nodes.nested_encode import bound_token_positions
+    model, clip = fastcomposer_models[:2]
+    block, captured = ("input", 4, 0), {}
+
+    def other_pack(q, k, v, extra_options):
+        captured.update(q=q.clone(), k=k.clone(), v=v.clone(), extra_options=dict(extra_options))
+        from comfy.ldm.modules.attention import optimized_attention
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    recording = model.clone()
+    recording.set_model_attn2_replace(other_pack, *block)
+    patched = apply(node, recording, nested["positive"])
+    run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])
+    q, k, v = (captured[name].double() for name in ("q", "k", "v"))
+    assert q.shape[0] == 2, "the other pack's replacement sees the whole batch, once"
+    ours = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block](
+        captured["q"], captured["k"], captured["v"], captured["extra_options"])
+
+    _, positions = bound_token_positions(clip, PROMPT, ["person", "dog"])
+    heads = captured["extra_options"]["n_heads"]
+    split = lambda x: x.unflatten(-1, (heads, -1)).transpose(1, 2)
+    qh, kh, vh = split(q), split(k), split(v)
+    weights = (qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])).softmax(-1)
+    expected = weights @ vh
+    for subject, position in zip(nested["subjects"], positions):
+        keys, values = subject.adapter.projections.project(subject.tokens)[f"{block[0]}_{block[1]}_{block[2]}"]
+        nested_value = (qh[:1] @ split(keys.double()).transpose(-1, -2) / math.sqrt(qh.shape[-1])).softmax(-1) @ split(values.double())
+        expected[:1] += weights[:1, :, :, position:position + 1] * (nested_value - vh[:1, :, position:position + 1])
+    expected = expected.transpose(1, 2).flatten(2)
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=REFERENCE_TOLERANCE)
+    torch.testing.assert_close(ours[1:].double(), (weights @ vh).transpose(1, 2).flatten(2)[1:], rtol=0, atol=REFERENCE_TOLERANCE)
+
+
+def test_conditioning_without_subjects_is_refused(fastcomposer_models, nested, node):
+    with pytest.raises(ValueError, match="binds no Nested Attention subject"):
+        apply(node, fastcomposer_models[0], nested["negative"])
+
+
+def test_subject_word_missing_from_the_prompt_is_refused(fastcomposer_models, nested, node):
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        node("NestedAttentionEncode").encode(fastcomposer_models[1], nested["subjects"], "a photo of a person")
