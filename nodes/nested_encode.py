@@ -22,6 +22,12 @@ def bound_token_positions(clip, text: str, words: list[str]) -> tuple[dict, list
 
 
 def encode_with_subjects(clip, subjects, text: str) -> list:
+    encoders = sorted(clip_tokenizers(clip))
+    for subject in subjects:
+        if subject.adapter is not None and sorted(subject.adapter.placeholder_embeddings) != encoders:
+            raise ValueError(f"adapter {subject.adapter.name} is for {subject.adapter.base_family} (text encoders "
+                             f"{sorted(subject.adapter.placeholder_embeddings)}) but this CLIP has text encoders {encoders}: "
+                             f"use the CLIP of the model the adapter was made for")
     chunks, positions = bound_token_positions(clip, text, [subject.word for subject in subjects])
     token_pairs = {key: [[(token, weight) for token, weight, _ in chunk] for chunk in key_chunks]
                    for key, key_chunks in chunks.items()}

@@ -20,11 +20,13 @@ class HeadlessComfy:
     Boot it once per process: ComfyUI reads its command line and registers nodes at import time.
     """
 
-    def __init__(self, comfyui_path: str | Path, base_directory: str | Path | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(self, comfyui_path: str | Path, base_directory: str | Path | None = None, extra_args: tuple[str, ...] = (),
+                 cpu: bool = True):
         self.comfyui_path = Path(comfyui_path).resolve()
         self.base_directory = Path(base_directory or comfyui_path).resolve()
         sys.path.insert(0, str(self.comfyui_path))
-        sys.argv = [str(self.comfyui_path / "main.py"), "--cpu", "--base-directory", str(self.base_directory), *extra_args]
+        device_args = ["--cpu"] if cpu else []  # --cpu is needed on a machine without an NVIDIA driver
+        sys.argv = [str(self.comfyui_path / "main.py"), *device_args, "--base-directory", str(self.base_directory), *extra_args]
         import comfy.options
         comfy.options.enable_args_parsing()
         import utils.extra_config  # noqa: F401  ComfyUI's own `utils` must be imported before `nodes`

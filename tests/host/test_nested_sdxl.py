@@ -1,0 +1,89 @@
+"""Nested Attention on an SDXL-architecture UNet and CLIP built from ComfyUI's own SDXL config, random weights."""
+import math
+
+import pytest
+import torch
+
+from hostenv import require_comfyui
+
+require_comfyui()
+
+SDXL_UNET = {  # ComfyUI's SDXL base UNet configuration (comfy/supported_models.py, model_detection.py)
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+DTYPE = torch.bfloat16  # halves memory; the CPU runs bf16 matmuls
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI builds modules with uninitialised memory: give every parameter seeded, well-scaled values."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in module.named_parameters():
+        if parameter.ndim <= 1:
+            values = torch.ones(parameter.shape) if "norm" in name or name.endswith("ln_1.weight") else \
+                torch.randn(parameter.shape, generator=generator) * 0.02
+        else:
+            values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter[0].numel())
+        parameter.copy_(values)
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy):
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sdxl_clip
+    config = comfy.model_detection.model_config_from_unet_config({**SDXL_UNET, "dtype": DTYPE})
+    assert type(config).__name__ == "SDXL"
+    config.set_inference_dtype(DTYPE, None)
+    unet = config.get_model({}, "")
+    randomise(unet, seed=0)
+    model = comfy.model_patcher.ModelPatcher(unet, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+    class SDXLText:
+        clip, tokenizer, params = comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer, {}
+
+    clip = comfy.sd.CLIP(target=SDXLText(), model_options={"dtype": DTYPE})
+    randomise(clip.cond_stage_model, seed=1)
+    return model, clip
+
+
+def test_patch_covers_all_70_layers_and_samples(sdxl, fastcomposer_models, node):
+    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
+    model, clip = sdxl
+    adapter = fresh_adapter(model, clip, "person", "ViT-L/14", "person", seed=3)
+    assert adapter.base_family == "sdxl" and len(adapter.layers) == 70
+    with torch.no_grad():
+        adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(1))
+    (subjects,) = node("NestedAttentionSubject").encode(adapter, fastcomposer_models[3], image, "person", 1.0, 0.0, 1.0)
+    (positive,) = node("NestedAttentionEncode").encode(clip, subjects, "a photo of a person reading")
+    (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
+    assert positive[0][0].shape == (1, 77, 2048)
+    (patched,) = node("ApplyNestedAttention").apply(model, positive, 1.0, 0.0, 1.0)
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 70
+    assert not model.model_options.get("transformer_options", {}).get("patches_replace")
+
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (plain,) = node("KSampler").sample(model, 0, 1, 5.0, "euler", "normal", positive, negative, latent)
+    (nested,) = node("KSampler").sample(patched, 0, 1, 5.0, "euler", "normal", positive, negative, latent)
+    assert torch.isfinite(nested["samples"]).all()
+    assert not torch.equal(nested["samples"], plain["samples"])
+
+
+def test_an_sd15_adapter_is_refused_by_an_sdxl_model(sdxl, fastcomposer_models, node):
+    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
+    sd15_model, sd15_clip, _, clip_vision, _ = fastcomposer_models
+    adapter = fresh_adapter(sd15_model, sd15_clip, "person", "ViT-L/14", "person")
+    image = torch.rand(1, 64, 64, 3)
+    (subjects,) = node("NestedAttentionSubject").encode(adapter, clip_vision, image, "person", 1.0, 0.0, 1.0)
+    (positive,) = node("NestedAttentionEncode").encode(sd15_clip, subjects, "a person")
+    with pytest.raises(ValueError, match=r"trained for sd15 \(context 768\) but the MODEL is sdxl \(context 2048\)"):
+        node("ApplyNestedAttention").apply(sdxl[0], positive, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="is for sd15"):
+        node("NestedAttentionEncode").encode(sdxl[1], subjects, "a person")
