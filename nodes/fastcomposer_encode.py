@@ -22,6 +22,7 @@ def sd15_tokenizer(clip):
     return clip.tokenizer.clip_l
 
 
+@torch.no_grad()  # the executor runs nodes under inference_mode; direct callers (scripts, tests) must not build graphs
 def subject_embeddings(clip_vision, subjects: list[torch.Tensor]) -> torch.Tensor:
     """One projected CLIP image embedding per subject; several images of one subject are averaged (ours)."""
     comfy.model_management.load_model_gpu(clip_vision.patcher)

@@ -8,6 +8,7 @@ from .subjects import Subject, append_subject, with_mask
 CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
 
 
+@torch.no_grad()  # the executor runs nodes under inference_mode; direct callers (scripts, tests) must not build graphs
 def encode_subject_tokens(adapter, clip_vision, images: torch.Tensor) -> torch.Tensor:
     """(n, H, W, C) photos of one subject -> the adapter's encoder tokens (1, M, D), averaged over the photos."""
     if images.ndim != 4 or images.shape[0] == 0:
@@ -19,8 +20,7 @@ def encode_subject_tokens(adapter, clip_vision, images: torch.Tensor) -> torch.T
                          f"({adapter.vision_width} wide) but this CLIP_VISION gives {hidden.shape[-1]}-wide tokens "
                          f"({got}): load the matching CLIP vision model")
     parameter = next(adapter.parameters())
-    with torch.no_grad():
-        return adapter.resampler(hidden.to(parameter)[None]).float().cpu()
+    return adapter.resampler(hidden.to(parameter)[None]).float().cpu()
 
 
 class NestedAttentionSubject:

@@ -39,6 +39,21 @@ class Graph:
             f.write("\n")
 
 
+def sample_and_save(g, x, settings, prefix, model, positive, negative, latent, vae):
+    """KSampler -> VAE Decode -> Save Image in the two columns starting at x; (node, output name) pairs in."""
+    sampler = g.node("KSampler", (x, 60), (320, 270), settings,
+                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
+    decode = g.node("VAEDecode", (x + 360, 60), (210, 50), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("IMAGE", "IMAGE")])
+    save = g.node("SaveImage", (x + 360, 160), (420, 460), [prefix], inputs=[("images", "IMAGE")])
+    for (source, output), name in zip((model, positive, negative, latent), ("model", "positive", "negative", "latent_image")):
+        g.link(source, output, sampler, name)
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(*vae, decode, "vae")
+    g.link(decode, "IMAGE", save, "images")
+
+
 def fastcomposer(path, prompt, images):
     g = Graph()
     loader = g.node("FastComposerLoader", (40, 60), (320, 180), ["pytorch_model.bin"],
@@ -54,24 +69,13 @@ def fastcomposer(path, prompt, images):
     negative = g.node("CLIPTextEncode", (420, 400), (420, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
                       outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
     latent = g.node("EmptyLatentImage", (420, 600), (420, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("KSampler", (900, 60), (320, 270), [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0],
-                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
-    decode = g.node("VAEDecode", (1260, 60), (210, 50), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                    outputs=[("IMAGE", "IMAGE")])
-    save = g.node("SaveImage", (1260, 160), (420, 460), ["fastcomposer"], inputs=[("images", "IMAGE")])
     for name in ("clip", "clip_vision", "fastcomposer"):
         g.link(loader, name, encode, name)
     for i, load in enumerate(loads):
         g.link(load, "IMAGE", encode, f"subject_{i + 1}")
     g.link(loader, "clip", negative, "clip")
-    g.link(loader, "model", sampler, "model")
-    g.link(encode, "CONDITIONING", sampler, "positive")
-    g.link(negative, "CONDITIONING", sampler, "negative")
-    g.link(latent, "LATENT", sampler, "latent_image")
-    g.link(sampler, "LATENT", decode, "samples")
-    g.link(loader, "vae", decode, "vae")
-    g.link(decode, "IMAGE", save, "images")
+    sample_and_save(g, 900, [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], "fastcomposer", (loader, "model"),
+                    (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"), (loader, "vae"))
     g.save(path)
 
 
@@ -107,24 +111,13 @@ def nested(path, prompt, subjects):
     apply = g.node("ApplyNestedAttention", (column, 500), (400, 130), [1.0, 0.0, 1.0],
                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("MODEL", "MODEL")])
     latent = g.node("EmptyLatentImage", (column, 670), (400, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
-    sampler = g.node("KSampler", (1560, 60), (320, 270), [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0],
-                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
-    decode = g.node("VAEDecode", (1920, 60), (210, 50), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                    outputs=[("IMAGE", "IMAGE")])
-    save = g.node("SaveImage", (1920, 160), (420, 460), ["nested_attention"], inputs=[("images", "IMAGE")])
     g.link(checkpoint, "CLIP", encode, "clip")
     g.link(previous, "subjects", encode, "subjects")
     g.link(checkpoint, "CLIP", negative, "clip")
     g.link(checkpoint, "MODEL", apply, "model")
     g.link(encode, "CONDITIONING", apply, "positive")
-    g.link(apply, "MODEL", sampler, "model")
-    g.link(encode, "CONDITIONING", sampler, "positive")
-    g.link(negative, "CONDITIONING", sampler, "negative")
-    g.link(latent, "LATENT", sampler, "latent_image")
-    g.link(sampler, "LATENT", decode, "samples")
-    g.link(checkpoint, "VAE", decode, "vae")
-    g.link(decode, "IMAGE", save, "images")
+    sample_and_save(g, 1560, [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0], "nested_attention", (apply, "MODEL"),
+                    (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"), (checkpoint, "VAE"))
     g.save(path)
 
 

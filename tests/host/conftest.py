@@ -1,4 +1,7 @@
 """Host tier: the real ComfyUI from COMFYUI_PATH, booted once per test session with seeded random weights."""
+import ctypes
+import gc
+
 import pytest
 
 from hostenv import require_comfyui
@@ -6,6 +9,19 @@ from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
 
 FASTCOMPOSER_FILE = "pytorch_model.bin"  # the official file's name, so the shipped workflows find it
+
+# Several full-size models come and go in one process. glibc keeps freed blocks below its (growing) mmap
+# threshold on the heap, so the process would hold every model it ever freed; a fixed 1 MiB threshold
+# returns each freed weight to the system.
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_memory_after_each_module():
+    yield
+    gc.collect()
+    _LIBC.malloc_trim(0)
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +52,10 @@ def node(comfy):
 @pytest.fixture(scope="session")
 def sd15_checkpoint_file(comfy, fastcomposer_models):
     """An ordinary SD1.5 checkpoint (ComfyUI's layout) with the same random weights, for the Nested Attention workflows."""
-    import comfy.sd
+    from comfy.sd import save_checkpoint
     model, clip, vae = fastcomposer_models[:3]
     path = comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors"
-    comfy.sd.save_checkpoint(str(path), model, clip, vae)
+    save_checkpoint(str(path), model, clip, vae)
     return path
 
 

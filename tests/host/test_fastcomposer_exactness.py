@@ -1,9 +1,9 @@
 """FastComposer through the pack equals the reference computation, on seeded random weights in the official layout.
 
-Tolerances (float32 in ComfyUI vs float64 references; measured values are in the assertion messages):
-- fused conditioning: max abs error <= 2e-4 (12 CLIP-L layers + 24 ViT-L layers + fusion in float32)
-- UNet eps prediction: max abs error <= 1e-3 relative to the output's max magnitude
-- VAE decode / encode, text encoder, vision tower: max abs error <= 1e-3 relative to the output's max magnitude
+Tolerances (float32 in ComfyUI vs float64 references; each test prints what it measured):
+- fused conditioning: max abs error <= 2e-5 (measured 2.5e-6 to 2.7e-6: 12 CLIP-L + 24 ViT-L layers + fusion in fp32)
+- UNet, VAE decode / encode, text encoder (and pooled), vision tower: max abs error relative to the output's max
+  magnitude <= 5e-5 (measured 3.0e-6, 6.1e-6 / 5.1e-6, 5.1e-7 / 4.9e-7, 6.9e-7)
 """
 from pathlib import Path
 
@@ -17,8 +17,8 @@ pytest.importorskip("diffusers", reason="the exactness tests compare against dif
 from reference import fastcomposer_hf as hf  # noqa: E402
 from reference.fusion import fuse as reference_fuse  # noqa: E402
 
-FUSED_ATOL = 2e-4
-RELATIVE_TOLERANCE = 1e-3
+FUSED_ATOL = 2e-5
+RELATIVE_TOLERANCE = 5e-5
 
 PROMPTS = [
     "a man <|image|> and a woman <|image|> reading a book together",
@@ -67,6 +67,7 @@ def test_fused_conditioning_matches_reference(comfy, fastcomposer_models, checkp
 
         assert ours.shape == expected.shape == (1, 77, 768)
         error = (ours.double() - expected).abs().max().item()
+        print(f"measured fused conditioning max abs error {error:.2e}: {prompt!r}")
         assert error <= FUSED_ATOL, f"{prompt!r}: max abs error {error:.2e}"
         changed = (ours[0] - text_states[0].float()).abs().amax(-1) > 1e-2
         assert changed.nonzero().flatten().tolist() == positions, f"{prompt!r}: fused positions differ from the reference"
@@ -100,8 +101,9 @@ def test_text_encoder_matches_transformers(fastcomposer_models, checkpoint):
     ids = torch.tensor([[token for token, _ in tokens["l"][0]]])
     with torch.no_grad():
         expected = hf.text_encoder(checkpoint)(ids)
-    assert relative_error(ours, expected.last_hidden_state) <= RELATIVE_TOLERANCE
-    assert relative_error(pooled, expected.pooler_output) <= RELATIVE_TOLERANCE
+    errors = relative_error(ours, expected.last_hidden_state), relative_error(pooled, expected.pooler_output)
+    print(f"measured text encoder relative error {errors[0]:.2e}, pooled {errors[1]:.2e}")
+    assert max(errors) <= RELATIVE_TOLERANCE
 
 
 def test_vision_tower_matches_transformers(fastcomposer_models, checkpoint):
@@ -110,7 +112,9 @@ def test_vision_tower_matches_transformers(fastcomposer_models, checkpoint):
     with torch.no_grad():
         ours = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
         expected = hf.vision_encoder(checkpoint)(pixel_values=pixels.double()).image_embeds
-    assert relative_error(ours, expected) <= RELATIVE_TOLERANCE
+    error = relative_error(ours, expected)
+    print(f"measured vision tower relative error {error:.2e}")
+    assert error <= RELATIVE_TOLERANCE
 
 
 def test_unet_matches_diffusers(fastcomposer_models, checkpoint):
@@ -125,6 +129,7 @@ def test_unet_matches_diffusers(fastcomposer_models, checkpoint):
         expected = reference(latents.double(), timesteps.double(), encoder_hidden_states=context.double()).sample
     del reference
     error = relative_error(ours, expected)
+    print(f"measured UNet relative error {error:.2e}")
     assert error <= RELATIVE_TOLERANCE, f"relative error {error:.2e}"
 
 
@@ -139,5 +144,6 @@ def test_vae_matches_diffusers(fastcomposer_models, checkpoint):
         expected_decoded = ((reference.decode(latents.double()).sample + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
         encoded = vae.encode(images)
         expected_encoded = reference.encode(images.double().movedim(-1, 1) * 2.0 - 1.0).latent_dist.mode()
-    assert relative_error(decoded, expected_decoded) <= RELATIVE_TOLERANCE
-    assert relative_error(encoded, expected_encoded) <= RELATIVE_TOLERANCE
+    errors = relative_error(decoded, expected_decoded), relative_error(encoded, expected_encoded)
+    print(f"measured VAE relative error decode {errors[0]:.2e}, encode {errors[1]:.2e}")
+    assert max(errors) <= RELATIVE_TOLERANCE
