@@ -3,6 +3,7 @@ import ctypes
 import gc
 
 import pytest
+import torch
 
 from hostenv import require_comfyui
 from subject_personalization.tools.comfy_headless import HeadlessComfy
@@ -70,14 +71,19 @@ def clip_vision_file(comfy, fastcomposer_models):
 
 @pytest.fixture(scope="session")
 def nested_adapter_files(comfy, fastcomposer_models):
-    """Freshly initialised SD1.5 adapters for a person and a pet, as the workflows name them."""
+    """SD1.5 adapters for a person and a pet, as the workflows name them: freshly initialised, output projection randomised."""
     from subject_personalization.encoders.nested_adapter import save_nested_adapter
     from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
     model, clip = fastcomposer_models[:2]
     folder = comfy.model_dir("nested_attention")
     paths = {}
     for name, word, domain, seed in (("nested_person_sd15", "person", "person", 1), ("nested_pet_sd15", "dog", "pet", 2)):
+        adapter = fresh_adapter(model, clip, word, "ViT-L/14", domain, seed)
+        # A fresh adapter's tokens ignore the image by construction (zero output projection); randomise that
+        # projection so the workflow tests can see the subject image reach the output.
+        with torch.no_grad():
+            adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
         paths[name] = folder / f"{name}.safetensors"
-        save_nested_adapter(paths[name], fresh_adapter(model, clip, word, "ViT-L/14", domain, seed))
+        save_nested_adapter(paths[name], adapter)
     return paths
 
