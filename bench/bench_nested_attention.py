@@ -183,20 +183,18 @@ def unet_step(patcher, inputs: StepInputs) -> Callable[[], torch.Tensor]:
 def patched_variants(patcher, family: str, inputs: StepInputs, dtype: torch.dtype) -> dict[str, object]:
     """The unpatched model and clones patched with 1, 2, 4 subjects, each bound to its word in the positive row."""
     from subject_personalization.encoders.unet_layers import cross_attention_layers
-    from subject_personalization.nodes.subject_patch import PatchedSubject, SubjectAttentionPatch
+    from subject_personalization.nodes.subject_patch import PatchedSubject, add_subject_patch
 
     layers = cross_attention_layers(family)
     device = inputs.context.device
     subjects = [PatchedSubject(
-        signature=inputs.context[0, position].clone(), strength=1.0, sigma_start=float("inf"), sigma_end=0.0,
+        signature=inputs.context[0, position].clone(), source=position, strength=1.0, sigma_start=float("inf"), sigma_end=0.0,
         nested={layer.key: (torch.randn(NESTED_TOKENS, layer.inner_dim, device=device, dtype=dtype),
                             torch.randn(NESTED_TOKENS, layer.inner_dim, device=device, dtype=dtype)) for layer in layers})
         for position in SUBJECT_POSITIONS[:max(SUBJECT_COUNTS)]]
     variants = {"unpatched": patcher}
     for count in SUBJECT_COUNTS:
-        patched = patcher.clone()
-        SubjectAttentionPatch(subjects[:count], options_key=f"bench_{count}").install(patched, [layer.block for layer in layers])
-        variants[f"{count} subject{'s' * (count > 1)}"] = patched
+        variants[f"{count} subject{'s' * (count > 1)}"] = add_subject_patch(patcher, subjects[:count])
     return variants
 
 

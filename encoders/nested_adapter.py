@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint_io import looks_like_pickle
 from .nested_projections import NestedProjections
 from .subject_resampler import ResamplerConfig, SubjectResampler
-from .unet_layers import CONTEXT_WIDTH, check_family, cross_attention_layers
+from .unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, check_family, cross_attention_layers
 
 FORMAT_NAME = "nested_attention_adapter"
 FORMAT_VERSION = "1"
@@ -35,7 +35,8 @@ DEFAULT_ENCODER = {"sd15": {"width": 768, "heads": 12}, "sdxl": {"width": 1280, 
 class NestedAdapter(nn.Module):
     def __init__(self, base_family: str, encoder: ResamplerConfig, subject_domain: str, initializer_word: str,
                  placeholder_word: str = "<subject>", special_token_weight: float = 1.0,
-                 provenance: dict | None = None, vision_hidden_state: str = "penultimate", name: str = "(unsaved)"):
+                 provenance: dict | None = None, vision_hidden_state: str = "penultimate", name: str = "(unsaved)",
+                 layers: list[CrossAttentionLayer] | None = None):
         super().__init__()
         check_family(base_family)
         if encoder.output_width != CONTEXT_WIDTH[base_family]:
@@ -54,7 +55,10 @@ class NestedAdapter(nn.Module):
         self.special_token_weight = special_token_weight
         self.provenance = dict(provenance or {})
         self.name = name
-        self.layers = cross_attention_layers(base_family)
+        # The family's attn2 layers; a UNet of the same layout but other widths (a small test UNet) gives its own.
+        self.layers = cross_attention_layers(base_family) if layers is None else list(layers)
+        if [layer.key for layer in self.layers] != [layer.key for layer in cross_attention_layers(base_family)]:
+            raise ValueError(f"the layer table does not match the {base_family} UNet's attn2 layers")
         self.resampler = SubjectResampler(encoder)
         self.projections = NestedProjections(self.layers, self.context_width)
         # The subject token s*: one input-embedding vector per text encoder.
@@ -114,14 +118,21 @@ def load_nested_adapter(path: str | Path) -> NestedAdapter:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path.name} has {FORMAT_NAME} version {metadata.get('format_version')!r}; "
                          f"this pack reads version {FORMAT_VERSION}")
+    blocks = {layer.key: layer.block for layer in cross_attention_layers(metadata["base_family"])}
+    try:
+        layers = [CrossAttentionLayer(entry["key"], blocks[entry["key"]], entry["inner_dim"], entry["heads"])
+                  for entry in json.loads(metadata["layers"])]
+    except KeyError as error:
+        raise ValueError(f"{path.name}: layer {error} is not an attn2 layer of the {metadata['base_family']} UNet") from None
     with torch.device("meta"):  # no allocation or random init: every tensor comes from the file
-        adapter = NestedAdapter(
-            metadata["base_family"], ResamplerConfig.from_dict(json.loads(metadata["encoder"])),
-            metadata["subject_domain"], metadata["initializer_word"], metadata["placeholder_word"],
-            float(metadata["special_token_weight"]), json.loads(metadata["provenance"]),
-            json.loads(metadata["clip_vision"])["hidden_state"], name=path.stem)
-    if json.loads(metadata["layers"]) != json.loads(adapter.metadata()["layers"]):
-        raise ValueError(f"{path.name}: its layer table does not match the {adapter.base_family} UNet's attn2 layers")
+        try:
+            adapter = NestedAdapter(
+                metadata["base_family"], ResamplerConfig.from_dict(json.loads(metadata["encoder"])),
+                metadata["subject_domain"], metadata["initializer_word"], metadata["placeholder_word"],
+                float(metadata["special_token_weight"]), json.loads(metadata["provenance"]),
+                json.loads(metadata["clip_vision"])["hidden_state"], name=path.stem, layers=layers)
+        except ValueError as error:
+            raise ValueError(f"{path.name}: {error}") from None
     try:
         adapter.load_state_dict(tensors, assign=True)  # assign: keep the stored tensors (and dtype) as they are
     except RuntimeError as error:
@@ -134,7 +145,7 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
                        initializer_embeddings: dict[str, torch.Tensor], initializer_context: torch.Tensor,
                        base_to_k: dict[str, torch.Tensor], base_to_v: dict[str, torch.Tensor],
                        placeholder_word: str = "<subject>", vision_hidden_state: str = "penultimate", seed: int = 0,
-                       **encoder_overrides) -> NestedAdapter:
+                       layers: list[CrossAttentionLayer] | None = None, **encoder_overrides) -> NestedAdapter:
     """The trainer's starting point, as close to the base model as possible: every subject token equals
     `initializer_context` (the initializer word's context vector, width D) and A_k, A_v are the base to_k, to_v,
     so the nested value of s* is the base model's value of the initializer word."""
@@ -148,7 +159,7 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter = NestedAdapter(base_family, encoder, subject_domain, initializer_word, placeholder_word,
-                                vision_hidden_state=vision_hidden_state)
+                                vision_hidden_state=vision_hidden_state, layers=layers)
     resampler = adapter.resampler
     # Zero the last layers that produce tokens, so every token starts exactly at base_token.
     nn.init.zeros_(resampler.proj_out.weight)
@@ -176,3 +187,13 @@ def check_compatible(adapter: NestedAdapter, base_family: str, context_width: in
         raise ValueError(f"adapter {adapter.name} expects {CLIP_VISION[adapter.vision_width]} "
                          f"({adapter.vision_width}-wide tokens), got {vision_width}-wide tokens ({got}): "
                          f"load the matching CLIP vision model")
+
+
+def check_layers(adapter: NestedAdapter, model_layers: list[CrossAttentionLayer]) -> None:
+    """Refuse an adapter made for a UNet whose attn2 layers have other widths than this MODEL's."""
+    theirs = [(layer.key, layer.inner_dim) for layer in adapter.layers]
+    ours = [(layer.key, layer.inner_dim) for layer in model_layers]
+    if theirs != ours:
+        first = next((a, b) for a, b in zip(theirs, ours) if a != b) if len(theirs) == len(ours) else (theirs, ours)
+        raise ValueError(f"adapter {adapter.name} was made for a UNet whose attn2 layers differ from this MODEL's "
+                         f"(first difference, adapter vs model: {first}); use an adapter made for this model")

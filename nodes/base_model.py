@@ -1,7 +1,7 @@
 """What a ComfyUI MODEL / CLIP is, in the terms of this pack: base family, attn2 weights, tokenizers."""
 import torch
 
-from ..encoders.unet_layers import CONTEXT_WIDTH, CrossAttentionLayer
+from ..encoders.unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, cross_attention_layers
 
 # ComfyUI's attn2 parameter paths inside the UNet, per block name.
 _BLOCK_PATHS = {"input": "input_blocks.{id}.1", "middle": "middle_block.1", "output": "output_blocks.{id}.1"}
@@ -20,7 +20,7 @@ def model_family(model) -> str:
 
 
 def _unsupported(name: str, context) -> str:
-    raise ValueError(f"this MODEL is {name} (context width {context}); Nested Attention supports SD1.5 and SDXL UNets")
+    raise ValueError(f"this MODEL is {name} (context width {context}); the subject attention patch supports SD1.5 and SDXL UNets")
 
 
 def attn2_weights(model, layers: list[CrossAttentionLayer], projection: str) -> dict[str, torch.Tensor]:
@@ -32,6 +32,17 @@ def attn2_weights(model, layers: list[CrossAttentionLayer], projection: str) -> 
         path = _BLOCK_PATHS[block_name].format(id=block_id) + f".transformer_blocks.{index}.attn2.{projection}"
         weights[layer.key] = unet.get_submodule(path).weight.detach().float().cpu().clone()
     return weights
+
+
+def model_cross_attention_layers(model) -> list[CrossAttentionLayer]:
+    """The MODEL's attn2 layers with their actual widths and head counts (the family's table for full-size UNets)."""
+    unet = model.model.diffusion_model
+    layers = []
+    for layer in cross_attention_layers(model_family(model)):
+        block_name, block_id, index = layer.block
+        attention = unet.get_submodule(_BLOCK_PATHS[block_name].format(id=block_id) + f".transformer_blocks.{index}.attn2")
+        layers.append(CrossAttentionLayer(layer.key, layer.block, attention.to_k.out_features, attention.heads))
+    return layers
 
 
 def clip_tokenizers(clip) -> dict[str, object]:

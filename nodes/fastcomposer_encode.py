@@ -8,6 +8,7 @@ from ..encoders.fastcomposer_preprocess import preprocess_subject_images
 from ..encoders.subject_prompt import (SUBJECT_MARKER, mark_subject_words, prompt_with_sentinels, remove_sentinels,
                                        split_subject_words)
 from .fastcomposer_loader import CATEGORY
+from .subjects import BINDINGS_KEY, Subject
 
 MAX_SUBJECTS = 4
 
@@ -36,16 +37,33 @@ def subject_embeddings(clip_vision, subjects: list[torch.Tensor]) -> torch.Tenso
     return torch.stack(embeddings)
 
 
+def schedule_segments(subjects: list[Subject], text_only_fraction: float) -> list[tuple[float, float, tuple[int, ...]]]:
+    """(start, end, indices of the subjects fused there) over the schedule; delayed conditioning and each
+    subject's own start/end and weight (0 = the word alone) decide which subjects are fused when."""
+    cuts = sorted({0.0, 1.0, text_only_fraction, *(s.start_percent for s in subjects), *(s.end_percent for s in subjects)})
+    segments = []
+    for start, end in zip(cuts, cuts[1:]):
+        fused = tuple(index for index, subject in enumerate(subjects) if start >= text_only_fraction
+                      and subject.start_percent <= start and end <= subject.end_percent and subject.weight > 0)
+        if segments and segments[-1][2] == fused:
+            segments[-1] = (segments[-1][0], end, fused)
+        else:
+            segments.append((start, end, fused))
+    return segments
+
+
 def encode_fastcomposer(clip, clip_vision, fusion: FastComposerFusion, text: str, subject_words: str,
-                        subjects: list[torch.Tensor], text_only_fraction: float) -> list:
+                        subjects: list[Subject], text_only_fraction: float) -> list:
     tokenizer = sd15_tokenizer(clip)
     words = split_subject_words(subject_words)
+    if not words and SUBJECT_MARKER not in text and subjects and all(subject.word for subject in subjects):
+        words = [subject.word for subject in subjects]  # a subject list binds its own words
     if words:
         text = mark_subject_words(text, words)
     text, marker_count = prompt_with_sentinels(text)
     if marker_count != len(subjects):
-        raise ValueError(f"the prompt binds {marker_count} subject(s) ({SUBJECT_MARKER} markers or subject_words) "
-                         f"but {len(subjects)} subject image input(s) are connected; make the two counts equal")
+        raise ValueError(f"the prompt binds {marker_count} subject(s) ({SUBJECT_MARKER} markers or subject words) "
+                         f"but {len(subjects)} subject(s) are connected; make the two counts equal")
     tokens = clip.tokenize(text, return_word_ids=True)
     marked = remove_sentinels(tokens["l"], sentinel_token=tokenizer.end_token, pad_token=tokenizer.pad_token)
     clean_tokens = {"l": [[(token, weight) for token, weight, _ in chunk] for chunk in marked.chunks]}
@@ -55,23 +73,33 @@ def encode_fastcomposer(clip, clip_vision, fusion: FastComposerFusion, text: str
     if not subjects:
         return [[text_states, {"pooled_output": pooled}]]
 
-    embeddings = subject_embeddings(clip_vision, subjects)
-    positions = torch.tensor(marked.subject_positions)
-    with torch.no_grad():
-        fused = fusion(text_states.float(), positions, embeddings).to(text_states.dtype)
-    if text_only_fraction <= 0.0:
-        return [[fused, {"pooled_output": pooled}]]
-    return [
-        [text_states, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": text_only_fraction}],
-        [fused, {"pooled_output": pooled, "start_percent": text_only_fraction, "end_percent": 1.0}],
-    ]
+    embeddings = subject_embeddings(clip_vision, [subject.images for subject in subjects])
+    positions = marked.subject_positions
+    conditioning = []
+    for start, end, fused_subjects in schedule_segments(subjects, text_only_fraction):
+        states = text_states
+        if fused_subjects:
+            with torch.no_grad():
+                states = fusion(text_states.float(), torch.tensor([positions[i] for i in fused_subjects]),
+                                embeddings[list(fused_subjects)]).to(text_states.dtype)
+            for index in fused_subjects:
+                if subjects[index].weight != 1.0:  # lerp is exact at weight 1, but skipping keeps it obviously so
+                    position = positions[index]
+                    states[:, position] = torch.lerp(text_states[:, position], states[:, position], subjects[index].weight)
+        options = {"pooled_output": pooled,
+                   BINDINGS_KEY: tuple((subject, states[0, position].clone()) for subject, position in zip(subjects, positions))}
+        if (start, end) != (0.0, 1.0):
+            options.update(start_percent=start, end_percent=end)
+        conditioning.append([states, options])
+    return conditioning
 
 
 class FastComposerEncode:
     DESCRIPTION = ("Encodes a prompt with up to four subjects for FastComposer. Mark each subject's word with "
                    f"{SUBJECT_MARKER} right after it ('a man {SUBJECT_MARKER} and a woman {SUBJECT_MARKER}'), or list "
                    "the words in subject_words instead; subject 1 binds the first marked word, and so on. The subject "
-                   "images are fused into those words. Use it as the positive conditioning; encode the negative "
+                   "images are fused into those words. A subject list from 'Add Subject' binds its own words, and its "
+                   "masks act through 'Apply Subject Masks'. Use it as the positive conditioning; encode the negative "
                    "prompt with an ordinary CLIP Text Encode.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
@@ -103,16 +131,24 @@ class FastComposerEncode:
                                                             "text; 0.2 is the reference's 10 of 50 steps. 0 fuses from "
                                                             "the first step (more identity, less prompt-following)."}),
             },
-            "optional": subject_inputs,
+            "optional": {
+                "subjects": ("SUBJECTS", {"tooltip": "A subject list ('Add Subject'), instead of the subject_N images: "
+                                                     "each subject binds its own word, weight, start/end and mask."}),
+                **subject_inputs,
+            },
         }
 
-    def encode(self, clip, clip_vision, fastcomposer, text, subject_words, text_only_fraction, **subject_images):
+    def encode(self, clip, clip_vision, fastcomposer, text, subject_words, text_only_fraction, subjects=None,
+               **subject_images):
         inputs = [subject_images.get(f"subject_{index}") for index in range(1, MAX_SUBJECTS + 1)]
-        subjects = [images for images in inputs if images is not None]
-        if None in inputs[:len(subjects)]:
+        images = [image for image in inputs if image is not None]
+        if subjects is not None and images:
+            raise ValueError("connect either a subject list or the subject_N images, not both")
+        if None in inputs[:len(images)]:
             raise ValueError(f"subject_{inputs.index(None) + 1} is empty but a later subject input is connected; "
                              f"connect subjects in order from subject_1")
-        return (encode_fastcomposer(clip, clip_vision, fastcomposer, text, subject_words, subjects, text_only_fraction),)
+        subject_list = list(subjects) if subjects is not None else [Subject("", image) for image in images]
+        return (encode_fastcomposer(clip, clip_vision, fastcomposer, text, subject_words, subject_list, text_only_fraction),)
 
 
 NODE_CLASS_MAPPINGS = {"FastComposerEncode": FastComposerEncode}

@@ -6,8 +6,7 @@ import torch
 import folder_paths
 
 from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, new_nested_adapter, save_nested_adapter
-from ..encoders.unet_layers import cross_attention_layers
-from .base_model import attn2_weights, clip_tokenizers, model_family
+from .base_model import attn2_weights, clip_tokenizers, model_cross_attention_layers, model_family
 from .subjects import CATEGORY as PACK_CATEGORY
 
 CATEGORY = f"{PACK_CATEGORY}/Nested Attention"
@@ -30,12 +29,14 @@ def initializer_vectors(clip, word: str) -> tuple[dict[str, torch.Tensor], torch
     return embeddings, context[0, 1].float().cpu()  # position 1: the word right after the start token
 
 
-def fresh_adapter(model, clip, initializer_word: str, vision_model: str, subject_domain: str, seed: int = 0) -> NestedAdapter:
-    family = model_family(model)
-    layers = cross_attention_layers(family)
+def fresh_adapter(model, clip, initializer_word: str, vision_model: str, subject_domain: str, seed: int = 0,
+                  **encoder_overrides) -> NestedAdapter:
+    """A new adapter for this MODEL and CLIP (encoder_overrides: the resampler's tokens, depth, width...)."""
+    layers = model_cross_attention_layers(model)
     embeddings, context = initializer_vectors(clip, initializer_word)
-    return new_nested_adapter(family, VISION_MODELS[vision_model], subject_domain, initializer_word, embeddings, context,
-                              attn2_weights(model, layers, "to_k"), attn2_weights(model, layers, "to_v"), seed=seed)
+    return new_nested_adapter(model_family(model), VISION_MODELS[vision_model], subject_domain, initializer_word,
+                              embeddings, context, attn2_weights(model, layers, "to_k"), attn2_weights(model, layers, "to_v"),
+                              seed=seed, layers=layers, **encoder_overrides)
 
 
 class NestedAttentionLoader:

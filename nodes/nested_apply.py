@@ -1,38 +1,28 @@
 """Apply Nested Attention: patch every cross-attention layer of a cloned MODEL for the bound subjects."""
 import torch
 
-from ..encoders.nested_adapter import check_compatible
-from ..encoders.unet_layers import CONTEXT_WIDTH, cross_attention_layers
-from .base_model import model_family
+from ..encoders.nested_adapter import check_compatible, check_layers
+from ..encoders.unet_layers import CONTEXT_WIDTH
+from .base_model import model_cross_attention_layers, model_family
 from .nested_adapter_nodes import CATEGORY
-from .nested_encode import BINDINGS_KEY
-from .subject_patch import PatchedSubject, SubjectAttentionPatch
-
-
-def bindings_of(conditioning) -> list:
-    """Every (subject, signature) bound in a CONDITIONING, once each."""
-    seen, bindings = set(), []
-    for _, options in conditioning:
-        for subject, signature in options.get(BINDINGS_KEY, ()):
-            if id(signature) not in seen:
-                seen.add(id(signature))
-                bindings.append((subject, signature))
-    return bindings
+from .subject_patch import PatchedSubject, add_subject_patch
+from .subjects import bindings_of
 
 
 def patched_subjects(model, conditioning, strength: float, start_percent: float, end_percent: float) -> list[PatchedSubject]:
-    family = model_family(model)
+    family, layers = model_family(model), model_cross_attention_layers(model)
     sampling = model.get_model_object("model_sampling")
     subjects = []
     for subject, signature in bindings_of(conditioning):
         if subject.adapter is None:
             continue
         check_compatible(subject.adapter, family, CONTEXT_WIDTH[family], subject.adapter.vision_width)
+        check_layers(subject.adapter, layers)
         with torch.no_grad():  # K~ and V~ depend only on the images: computed once here, not per step
             nested = {key: (keys[0], values[0]) for key, (keys, values)
                       in subject.adapter.projections.project(subject.tokens.to(next(subject.adapter.parameters()))).items()}
         start, end = max(start_percent, subject.start_percent), min(end_percent, subject.end_percent)
-        subjects.append(PatchedSubject(signature, strength * subject.weight, sampling.percent_to_sigma(start),
+        subjects.append(PatchedSubject(signature, subject, strength * subject.weight, sampling.percent_to_sigma(start),
                                        sampling.percent_to_sigma(end), nested, subject.mask))
     if not subjects:
         raise ValueError("this conditioning binds no Nested Attention subject; connect the output of "
@@ -42,8 +32,9 @@ def patched_subjects(model, conditioning, strength: float, start_percent: float,
 
 class ApplyNestedAttention:
     DESCRIPTION = ("Patches a copy of the MODEL so that each subject bound in the positive conditioning gets its "
-                   "Nested Attention value in every cross-attention layer (SD1.5: 16, SDXL: 70). The negative prompt "
-                   "is never changed; strength 0 gives the unpatched model.")
+                   "Nested Attention value in every cross-attention layer (SD1.5: 16, SDXL: 70); a subject's mask "
+                   "restricts where its word and nested value act. The negative prompt is never changed; strength 0 "
+                   "without masks gives the unpatched model.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
@@ -60,11 +51,7 @@ class ApplyNestedAttention:
         }}
 
     def apply(self, model, positive, strength, start_percent, end_percent):
-        subjects = patched_subjects(model, positive, strength, start_percent, end_percent)
-        patched = model.clone()
-        patch = SubjectAttentionPatch(subjects, options_key=f"nested_attention_{id(subjects)}")
-        patch.install(patched, [layer.block for layer in cross_attention_layers(model_family(model))])
-        return (patched,)
+        return (add_subject_patch(model, patched_subjects(model, positive, strength, start_percent, end_percent)),)
 
 
 NODE_CLASS_MAPPINGS = {"ApplyNestedAttention": ApplyNestedAttention}

@@ -1,11 +1,11 @@
 """Nested Attention Encode: bind each subject to its word, as the subject token s*, and encode the prompt."""
-import torch
+from dataclasses import replace
 
 from ..encoders.subject_prompt import mark_subject_words, prompt_with_sentinels, remove_sentinels
 from .base_model import clip_tokenizers
 from .nested_adapter_nodes import CATEGORY
-
-BINDINGS_KEY = "subject_bindings"  # in a CONDITIONING's dict: ((Subject, signature), ...)
+from .nested_subject import encode_subject_tokens
+from .subjects import BINDINGS_KEY
 
 
 def bound_token_positions(clip, text: str, words: list[str]) -> tuple[dict, list[int]]:
@@ -56,19 +56,37 @@ class NestedAttentionEncode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "clip": ("CLIP",),
-            "subjects": ("SUBJECTS",),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "default": "a photo of a person walking a dog on the beach",
-                                "tooltip": "The prompt. Each subject's word must appear in it, in subject order "
-                                           "for repeated words."}),
-        }}
+        return {
+            "required": {
+                "clip": ("CLIP",),
+                "subjects": ("SUBJECTS",),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                    "default": "a photo of a person walking a dog on the beach",
+                                    "tooltip": "The prompt. Each subject's word must appear in it, in subject order "
+                                               "for repeated words."}),
+            },
+            "optional": {
+                "nested_adapter": ("NESTED_ADAPTER", {"tooltip": "For subjects from 'Add Subject', which carry no "
+                                                                 "adapter: encode them with this one."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model of nested_adapter."}),
+            },
+        }
 
-    def encode(self, clip, subjects, text):
+    def encode(self, clip, subjects, text, nested_adapter=None, clip_vision=None):
         if not subjects:
-            raise ValueError("the subject list is empty; connect a 'Nested Attention Subject'")
-        return (encode_with_subjects(clip, subjects, text),)
+            raise ValueError("the subject list is empty; connect a 'Nested Attention Subject' or 'Add Subject'")
+        return (encode_with_subjects(clip, with_adapter(subjects, nested_adapter, clip_vision), text),)
+
+
+def with_adapter(subjects, adapter, clip_vision) -> list:
+    """Subjects without an adapter of their own (from 'Add Subject') encoded with the given one."""
+    missing = [subject.word for subject in subjects if subject.adapter is None]
+    if missing and (adapter is None or clip_vision is None):
+        raise ValueError(f"subject(s) {', '.join(missing)} carry no Nested Attention adapter: connect nested_adapter "
+                         f"and clip_vision to this node, or build them with 'Nested Attention Subject'")
+    return [subject if subject.adapter is not None else
+            replace(subject, adapter=adapter, tokens=encode_subject_tokens(adapter, clip_vision, subject.images))
+            for subject in subjects]
 
 
 NODE_CLASS_MAPPINGS = {"NestedAttentionEncode": NestedAttentionEncode}

@@ -1,9 +1,11 @@
 """Nested Attention Subject: photos of one subject -> its encoder tokens, appended to a SUBJECTS list."""
+from dataclasses import replace
+
 import torch
 
 from ..encoders.nested_adapter import CLIP_VISION
 from .nested_adapter_nodes import CATEGORY
-from .subjects import Subject, append_subject, with_mask
+from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask
 
 CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
 
@@ -39,28 +41,16 @@ class NestedAttentionSubject:
                 "nested_adapter": ("NESTED_ADAPTER",),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with."}),
                 "image": ("IMAGE", {"tooltip": "One or more photos of the subject; their encodings are averaged."}),
-                "word": ("STRING", {"default": "person", "tooltip": "The prompt word that stands for this subject, "
-                                    "e.g. 'person', 'dog'. Its first unused occurrence in the prompt is bound."}),
-                "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                     "tooltip": "This subject's strength (multiplies the patch strength)."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                **SUBJECT_INPUTS,
             },
-            "optional": {
-                "subjects": ("SUBJECTS", {"tooltip": "A list to append this subject to."}),
-                "mask": ("MASK", {"tooltip": "Where this subject may appear in the image; resized to every attention resolution."}),
-            },
+            "optional": MASK_INPUTS,
         }
 
-    def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None, mask=None):
-        word = word.strip()
-        if not word:
-            raise ValueError("give the subject a word that appears in the prompt, e.g. 'person'")
-        if start_percent >= end_percent:
-            raise ValueError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
-        tokens = encode_subject_tokens(nested_adapter, clip_vision, image)
-        subject = Subject(word, image, None, weight, start_percent, end_percent, nested_adapter, tokens)
-        return (append_subject(subjects, with_mask(subject, mask)),)
+    def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None,
+               mask=None, mask_feather=0):
+        subject = checked_subject(word, image, weight, start_percent, end_percent)
+        subject = replace(subject, adapter=nested_adapter, tokens=encode_subject_tokens(nested_adapter, clip_vision, image))
+        return (append_subject(subjects, with_mask(subject, mask, mask_feather)),)
 
 
 NODE_CLASS_MAPPINGS = {"NestedAttentionSubject": NestedAttentionSubject}

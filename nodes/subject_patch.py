@@ -12,25 +12,56 @@ where the signature appears exactly. This holds however the sampler batches:
   ones: the token is found in every copy, and since repeated keys share the attention mass, giving each
   copy the subject's value is exact.
 The rows found travel to the attention layers through this call's transformer_options.
+
+One patch per MODEL: nested values (Apply Nested Attention), regional masks (Apply Subject Masks) and
+attention-map recording (Record Subject Attention) all act in the same attention call. A node that adds
+to a model already carrying the patch extends it (a subject already there is not added twice) instead of
+stacking a second one.
 """
 import logging
 from dataclasses import dataclass
 
 import torch
 
+import comfy.patcher_extension
 from comfy.ldm.modules.attention import optimized_attention
 
+from ..attention.attention_maps import AttentionMapRecorder
 from ..attention.subject_attention import SubjectBinding, subject_attention
+from ..attention.subject_masks import check_mask_fits, layer_query_mask
+from ..encoders.unet_layers import cross_attention_layers
+from .base_model import model_family
+
+PATCH_KEY = "subject_personalization_patch"  # in transformer_options: the SubjectAttentionPatch in effect
 
 
 @dataclass(frozen=True)
 class PatchedSubject:
     signature: torch.Tensor                                 # (D,) context vector of the subject's token
-    strength: float
-    sigma_start: float                                      # active while sigma_end <= sigma <= sigma_start
-    sigma_end: float
+    source: object                                          # the Subject it renders (one per subject, several signatures)
+    strength: float = 0.0
+    sigma_start: float = float("inf")                       # active while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
     nested: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer key -> (K~, V~), each (M, inner)
     mask: torch.Tensor | None = None                        # (H, W) in [0, 1]
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+
+class AttentionRecording:
+    """What Record Subject Attention asked for, and the maps recorded during the last sampling run."""
+
+    def __init__(self, sources: list, words: list[str], blocks: frozenset[str], sigma_start: float, sigma_end: float):
+        self.sources, self.words, self.blocks = sources, words, blocks
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.recorder = AttentionMapRecorder()
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options; the recording is shared
+        return self
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
 
 
 def layer_key(extra_options: dict) -> str:
@@ -48,42 +79,85 @@ def find_subject_tokens(context: torch.Tensor, cond_or_uncond: list[int], signat
             for occurrence in range(int(hits.sum(1).max()))]
 
 
-class SubjectAttentionPatch:
-    """Installed by `install` on a cloned MODEL: a model wrapper that finds the tokens, and attn2 replacements."""
+def add_subject_patch(model, subjects: list[PatchedSubject], recording: AttentionRecording | None = None):
+    """A clone of model whose cross-attention renders these subjects (and records, if asked)."""
+    patched = model.clone()
+    options = patched.model_options.setdefault("transformer_options", {})
+    current = options.get(PATCH_KEY)
+    if current is not None and patched.model_options.get("model_function_wrapper") == current.wrapper:
+        patch = current.extended(subjects, recording)
+    else:  # first patch, or another pack wrapped ours since: stack a new one over whatever is installed
+        replaced = options.get("patches_replace", {}).get("attn2", {})
+        blocks = [layer.block for layer in cross_attention_layers(model_family(model))]
+        known = {id(subject.signature) for subject in current.subjects} if current is not None else set()
+        patch = SubjectAttentionPatch([s for s in subjects if id(s.signature) not in known], recording,
+                                      patched.model_options.get("model_function_wrapper"),
+                                      {block: replaced.get(block) for block in blocks})
+    patch.install(patched)
+    return patched
 
-    def __init__(self, subjects: list[PatchedSubject], options_key: str):
-        self.subjects = subjects
-        self.options_key = options_key
+
+class SubjectAttentionPatch:
+    """A model wrapper that finds the subject tokens, and the attn2 replacements that act on them."""
+
+    def __init__(self, subjects: list[PatchedSubject], recording: AttentionRecording | None, previous_wrapper,
+                 previous_attn2: dict):
+        self.subjects, self.recording = subjects, recording
+        self.previous_wrapper, self.previous_attn2 = previous_wrapper, previous_attn2
+        self.options_key = f"{PATCH_KEY}_{id(self)}"
         self._device_cache: dict = {}
         self._warned = False
 
-    def install(self, model, layer_blocks: list[tuple[str, int, int]]) -> None:
-        previous_wrapper = model.model_options.get("model_function_wrapper")
-        model.set_model_unet_function_wrapper(self._wrapper(previous_wrapper))
-        replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        for block in layer_blocks:
-            model.set_model_attn2_replace(self._attn2(replaced.get(block)), *block)
+    def __deepcopy__(self, memo):  # shared by the clones of the patched model, like the functions that use it
+        return self
 
-    def _wrapper(self, previous_wrapper):
-        def wrapper(apply_model, args):
-            conditioning, sigma = args["c"], float(args["timestep"].max())
-            found = []
-            for subject in self.subjects:
-                if subject.sigma_end <= sigma <= subject.sigma_start:
-                    for token_index in find_subject_tokens(conditioning["c_crossattn"], args["cond_or_uncond"], subject.signature):
-                        found.append((subject, token_index.cpu()))  # once per step; layers read it on the host
-            if found:
-                options = {**conditioning.get("transformer_options", {}), self.options_key: found}
-                args = {**args, "c": {**conditioning, "transformer_options": options}}
-            elif 0 in args["cond_or_uncond"] and not self._warned and any(
-                    s.sigma_end <= sigma <= s.sigma_start for s in self.subjects):
-                logging.warning("subject personalization: no subject token found in the positive conditioning; "
-                                "connect the conditioning from the subject encode node to both the patch and the sampler")
-                self._warned = True
-            if previous_wrapper is not None:
-                return previous_wrapper(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-        return wrapper
+    def extended(self, subjects: list[PatchedSubject], recording: AttentionRecording | None) -> "SubjectAttentionPatch":
+        """This patch plus more subjects; for a token already here, an entry that acts replaces a record-only one."""
+        merged = {id(subject.signature): subject for subject in self.subjects}
+        for subject in subjects:
+            known = merged.get(id(subject.signature))
+            if known is None or (known.mask is None and known.nested is None):
+                merged[id(subject.signature)] = subject
+        return SubjectAttentionPatch(list(merged.values()), recording or self.recording, self.previous_wrapper,
+                                     self.previous_attn2)
+
+    def install(self, model) -> None:
+        model.set_model_unet_function_wrapper(self.wrapper)
+        for block, previous in self.previous_attn2.items():
+            model.set_model_attn2_replace(self._attn2(previous), *block)
+        model.model_options["transformer_options"][PATCH_KEY] = self
+        if self.recording is not None:
+            wrappers = model.model_options["transformer_options"].setdefault("wrappers", {})
+            wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).pop(PATCH_KEY, None)
+            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY,
+                                                         self._reset_recording, model.model_options, is_model_options=True)
+
+    def _reset_recording(self, executor, *args, **kwargs):
+        """Each sampling run records afresh (a cached recording node is reused by the next run)."""
+        self.recording.recorder.reset()
+        return executor(*args, **kwargs)
+
+    def wrapper(self, apply_model, args):
+        conditioning, sigma = args["c"], float(args["timestep"].max())
+        found = []
+        for subject in self.subjects:
+            if subject.active(sigma):
+                for token_index in find_subject_tokens(conditioning["c_crossattn"], args["cond_or_uncond"], subject.signature):
+                    found.append((subject, token_index.cpu()))  # once per step; layers read it on the host
+        for subject, _ in found:
+            if subject.mask is not None:
+                check_mask_fits(tuple(subject.mask.shape), tuple(args["input"].shape[-2:]))
+        if found:
+            record = self.recording is not None and self.recording.active(sigma)
+            options = {**conditioning.get("transformer_options", {}), self.options_key: (found, record)}
+            args = {**args, "c": {**conditioning, "transformer_options": options}}
+        elif 0 in args["cond_or_uncond"] and not self._warned and any(s.active(sigma) for s in self.subjects):
+            logging.warning("subject personalization: no subject token found in the positive conditioning; "
+                            "connect the conditioning from the subject encode node to both the patch and the sampler")
+            self._warned = True
+        if self.previous_wrapper is not None:
+            return self.previous_wrapper(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
 
     def _nested(self, subject: PatchedSubject, key: str, like: torch.Tensor):
         """K~, V~ on the layer's device and dtype, converted once per generation, not per step."""
@@ -101,22 +175,29 @@ class SubjectAttentionPatch:
         height, width = extra_options["activations_shape"][-2:]
         cache_key = (id(subject), "mask", height, width, like.device, like.dtype)
         if cache_key not in self._device_cache:
-            resized = torch.nn.functional.interpolate(subject.mask[None, None].float(), size=(height, width),
-                                                      mode="bilinear", align_corners=False)
-            self._device_cache[cache_key] = resized.flatten(1).to(like)
+            self._device_cache[cache_key] = layer_query_mask(subject.mask, height, width).to(like)
         return self._device_cache[cache_key]
+
+    def _recorded(self, extra_options: dict, record: bool) -> list | None:
+        """The recorded subjects (by source) if this layer call is recorded, else None."""
+        if not record or extra_options["block"][0] not in self.recording.blocks:
+            return None
+        return self.recording.sources
 
     def _attn2(self, previous):
         def plain(q, k, v, extra_options):
             return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, extra_options["n_heads"])
 
         def attn2(q, k, v, extra_options):
-            key, bindings = layer_key(extra_options), []
-            for subject, token_index in extra_options.get(self.options_key, ()):
+            found, record = extra_options.get(self.options_key, ((), False))
+            key, recorded, bindings, sources = layer_key(extra_options), self._recorded(extra_options, record), [], []
+            for subject, token_index in found:
                 nested_keys, nested_values = self._nested(subject, key, q)
-                if subject.mask is not None or (nested_keys is not None and subject.strength > 0):
+                acts = subject.mask is not None or (nested_keys is not None and subject.strength > 0)
+                if acts or (recorded is not None and subject.source in recorded):
                     bindings.append(SubjectBinding(token_index, nested_keys, nested_values, subject.strength,
                                                    self._query_mask(subject, extra_options, q)))
+                    sources.append(subject.source)
             if not bindings:
                 return plain(q, k, v, extra_options)
             # Rows without an acting subject (the negative, other prompts) keep the unpatched kernel's output, bit
@@ -124,8 +205,13 @@ class SubjectAttentionPatch:
             rows = torch.stack([binding.token_index >= 0 for binding in bindings]).any(dim=0)
             carried, heads = rows.nonzero().flatten(), extra_options["n_heads"]
             base = plain(q, k, v, extra_options) if previous is not None or not rows.all() else None
-            subject_out = subject_attention(q[carried], k[carried], v[carried], heads,
-                                            [_rows_of(binding, carried) for binding in bindings])
+            carried_bindings = [_rows_of(binding, carried) for binding in bindings]
+            if recorded is None:
+                subject_out = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings)
+            else:
+                subject_out, probs = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings,
+                                                       return_subject_probs=True)
+                self._record(probs, carried, sources, q.shape[0], extra_options)
             if base is None:
                 return subject_out
             if previous is not None:  # another pack's replacement keeps its effect; ours adds its difference
@@ -133,6 +219,19 @@ class SubjectAttentionPatch:
             base[carried] = subject_out
             return base
         return attn2
+
+    def _record(self, probs: torch.Tensor, carried: torch.Tensor, sources: list, batch: int, extra_options: dict):
+        """Per recorded subject, its token's attention per image token, averaged over the positive chunks."""
+        recorded = self.recording.sources
+        height, width = extra_options["activations_shape"][-2:]
+        maps = probs.new_zeros(batch, len(recorded), probs.shape[-1])
+        for column, source in enumerate(sources):
+            if source in recorded:
+                maps[carried, recorded.index(source)] += probs[:, column]
+        cond_or_uncond = extra_options["cond_or_uncond"]
+        chunks = maps.unflatten(0, (len(cond_or_uncond), -1))
+        positive = [index for index, kind in enumerate(cond_or_uncond) if kind == 0]
+        self.recording.recorder.add(chunks[positive].mean(dim=0), height, width)
 
 
 def _rows_of(binding: SubjectBinding, rows: torch.Tensor) -> SubjectBinding:

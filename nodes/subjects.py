@@ -2,20 +2,24 @@
 
 Each subject carries its reference images, the word of the prompt it binds to, an optional region mask,
 its weight and the part of the schedule it acts on. A method adds what it computed from the images
-(Nested Attention: the adapter and its encoder tokens).
+(Nested Attention: the adapter and its encoder tokens). Encode nodes record, in the CONDITIONING they
+output, which subject each token state ("signature") belongs to; patch nodes read it back with `bindings_of`.
 """
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..attention.subject_masks import as_single_mask, feather_mask
+
 CATEGORY = "subject personalization"
+BINDINGS_KEY = "subject_bindings"  # in a CONDITIONING's dict: ((Subject, signature), ...)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: one object per subject of the graph
 class Subject:
     word: str                              # the prompt word that carries the subject (its last token)
     images: torch.Tensor                   # ComfyUI IMAGE batch: one subject, one or more photos
-    mask: torch.Tensor | None = None       # (H, W) in [0, 1]: where the subject may appear; None = anywhere
+    mask: torch.Tensor | None = None       # (H, W) in [0, 1], feathered: where the subject may appear; None = anywhere
     weight: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
@@ -28,13 +32,70 @@ def append_subject(subjects: tuple[Subject, ...] | None, subject: Subject) -> tu
     return tuple(subjects or ()) + (subject,)
 
 
-def with_mask(subject: Subject, mask: torch.Tensor | None) -> Subject:
-    if mask is None:
-        return subject
-    if mask.ndim == 3:
-        if mask.shape[0] != 1:
-            raise ValueError(f"a subject takes one mask, got a batch of {mask.shape[0]}; pick one with a mask-batch node")
-        mask = mask[0]
-    if mask.ndim != 2 or mask.numel() == 0:
-        raise ValueError(f"expected a MASK of shape (H, W) or (1, H, W), got {tuple(mask.shape)}")
-    return replace(subject, mask=mask.float().clamp(0, 1))
+def with_mask(subject: Subject, mask: torch.Tensor | None, feather: int = 0) -> Subject:
+    return subject if mask is None else replace(subject, mask=feather_mask(as_single_mask(mask), feather))
+
+
+def checked_subject(word: str, images: torch.Tensor, weight: float, start_percent: float, end_percent: float) -> Subject:
+    word = word.strip()
+    if not word:
+        raise ValueError("give the subject a word that appears in the prompt, e.g. 'person'")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"the subject's image is empty or not an IMAGE batch (shape {tuple(images.shape)})")
+    if start_percent >= end_percent:
+        raise ValueError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
+    return Subject(word, images, None, weight, start_percent, end_percent)
+
+
+def bindings_of(conditioning) -> list:
+    """Every (subject, signature) bound in a CONDITIONING, once each."""
+    seen, bindings = set(), []
+    for _, options in conditioning:
+        for subject, signature in options.get(BINDINGS_KEY, ()):
+            if id(signature) not in seen:
+                seen.add(id(signature))
+                bindings.append((subject, signature))
+    return bindings
+
+
+SUBJECT_INPUTS = {
+    "word": ("STRING", {"default": "person", "tooltip": "The prompt word that stands for this subject, e.g. 'man', "
+                        "'dog'. Its first occurrence not taken by an earlier subject is bound."}),
+    "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                         "tooltip": "How strongly this subject's photos act: 0 = the word alone, 1 = as trained."}),
+    "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Fraction of the schedule where this subject starts acting."}),
+    "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Fraction of the schedule where this subject stops acting."}),
+}
+MASK_INPUTS = {
+    "subjects": ("SUBJECTS", {"tooltip": "A subject list to append this subject to."}),
+    "mask": ("MASK", {"tooltip": "Where this subject may appear, at the generated image's aspect ratio (white = "
+                      "here). Its word is attended only there, at every attention resolution."}),
+    "mask_feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
+                             "tooltip": "Soften the mask's edge over this many pixels (of the mask)."}),
+}
+
+
+class AddSubject:
+    DESCRIPTION = ("Adds one personal subject (photos of a person, a pet or an object) to a subject list, bound to "
+                   "its word in the prompt, with an optional region mask. The list works with both methods: "
+                   "'FastComposer Encode' and 'Nested Attention Encode'. Chain one node per subject.")
+    CATEGORY = CATEGORY
+    FUNCTION = "add"
+    RETURN_TYPES = ("SUBJECTS",)
+    RETURN_NAMES = ("subjects",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE", {"tooltip": "One or more photos of the subject (averaged)."}),
+                             **SUBJECT_INPUTS},
+                "optional": MASK_INPUTS}
+
+    def add(self, image, word, weight, start_percent, end_percent, subjects=None, mask=None, mask_feather=0):
+        subject = checked_subject(word, image, weight, start_percent, end_percent)
+        return (append_subject(subjects, with_mask(subject, mask, mask_feather)),)
+
+
+NODE_CLASS_MAPPINGS = {"AddSubject": AddSubject}
+NODE_DISPLAY_NAME_MAPPINGS = {"AddSubject": "Add Subject"}

@@ -64,7 +64,8 @@ def fastcomposer(path, prompt, images):
              for i, name in enumerate(images)]
     subject_inputs = [(f"subject_{i}", "IMAGE") for i in range(1, 5)]
     encode = g.node("FastComposerEncode", (420, 60), (420, 300), [prompt, "", 0.2],
-                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER")] + subject_inputs,
+                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
+                            ("subjects", "SUBJECTS")] + subject_inputs,
                     outputs=[("CONDITIONING", "CONDITIONING")])
     negative = g.node("CLIPTextEncode", (420, 400), (420, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
                       outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
@@ -93,7 +94,7 @@ def nested(path, prompt, subjects):
                          outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter: {word}")
         image = g.node("LoadImage", (400, top + 100), (320, 280), [image_file, "image"],
                        outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
-        subject = g.node("NestedAttentionSubject", (760, top), (320, 230), [word, 1.0, 0.0, 1.0],
+        subject = g.node("NestedAttentionSubject", (760, top), (320, 230), [word, 1.0, 0.0, 1.0, 0],
                          inputs=[("nested_adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
                                  ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
@@ -121,6 +122,63 @@ def nested(path, prompt, subjects):
     g.save(path)
 
 
+def two_subjects_with_masks(path):
+    """FastComposer with a subject list: each person held to one half of the picture, and where they landed shown."""
+    g = Graph()
+    loader = g.node("FastComposerLoader", (40, 60), (320, 180), ["pytorch_model.bin"],
+                    outputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("clip_vision", "CLIP_VISION"),
+                             ("fastcomposer", "FASTCOMPOSER")])
+    previous = None
+    for i, (word, image_file, left, right) in enumerate((("man", "subject_man.png", 0.0, 0.5),
+                                                          ("woman", "subject_woman.png", 0.5, 1.0))):
+        top = 300 + 400 * i
+        image = g.node("LoadImage", (40, top), (320, 320), [image_file, "image"],
+                       outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
+        region = g.node("SubjectRegionMask", (400, top), (320, 200), [512, 512, left, 0.0, right, 1.0],
+                        outputs=[("MASK", "MASK")], title=f"Region: {word} ({'left' if left == 0 else 'right'} half)")
+        subject = g.node("AddSubject", (760, top), (320, 230), [word, 1.0, 0.0, 1.0, 16],
+                         inputs=[("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
+                         outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
+        g.link(image, "IMAGE", subject, "image")
+        g.link(region, "MASK", subject, "mask")
+        if previous is not None:
+            g.link(previous, "subjects", subject, "subjects")
+        previous = subject
+    column = 1120
+    encode = g.node("FastComposerEncode", (column, 60), (420, 300), ["a man and a woman reading a book together", "", 0.2],
+                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
+                            ("subjects", "SUBJECTS")] + [(f"subject_{i}", "IMAGE") for i in range(1, 5)],
+                    outputs=[("CONDITIONING", "CONDITIONING")])
+    negative = g.node("CLIPTextEncode", (column, 400), (420, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
+                      outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
+    masks = g.node("ApplySubjectMasks", (column, 600), (420, 60), [],
+                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("MODEL", "MODEL")])
+    record = g.node("RecordSubjectAttention", (column, 700), (420, 140), ["all", 0.0, 1.0],
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
+                    outputs=[("model", "MODEL"), ("recording", "SUBJECT_ATTENTION")])
+    latent = g.node("EmptyLatentImage", (column, 880), (420, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
+    for name in ("clip", "clip_vision", "fastcomposer"):
+        g.link(loader, name, encode, name)
+    g.link(previous, "subjects", encode, "subjects")
+    g.link(loader, "clip", negative, "clip")
+    g.link(loader, "model", masks, "model")
+    g.link(encode, "CONDITIONING", masks, "positive")
+    g.link(masks, "MODEL", record, "model")
+    g.link(encode, "CONDITIONING", record, "positive")
+    sample_and_save(g, 1580, [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], "fastcomposer_masks",
+                    (record, "model"), (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"),
+                    (loader, "vae"))
+    decode = next(node for node in g.nodes if node["type"] == "VAEDecode")
+    maps = g.node("SubjectAttentionMaps", (1940, 660), (420, 130), [0.6, 0.5],
+                  inputs=[("recording", "SUBJECT_ATTENTION"), ("image", "IMAGE")],
+                  outputs=[("heatmap", "IMAGE"), ("masks", "MASK")])
+    preview = g.node("PreviewImage", (1940, 830), (420, 460), [], inputs=[("images", "IMAGE")], title="Where each subject landed")
+    g.link(record, "recording", maps, "recording")
+    g.link(decode, "IMAGE", maps, "image")
+    g.link(maps, "heatmap", preview, "images")
+    g.save(path)
+
+
 fastcomposer("workflows/fastcomposer_single_subject.json", "a man <|image|> sitting in a cafe, photograph",
              ["subject_man.png"])
 fastcomposer("workflows/fastcomposer_two_subjects.json", "a man <|image|> and a woman <|image|> reading a book together",
@@ -130,3 +188,4 @@ nested("workflows/nested_single_subject.json", "a photo of a person hiking in th
 nested("workflows/nested_person_and_pet.json", "a photo of a person sitting on a bench with a dog in a park",
        [("nested_person_sd15.safetensors", "person", "subject_person.png"),
         ("nested_pet_sd15.safetensors", "dog", "subject_dog.png")])
+two_subjects_with_masks("workflows/two_subjects_with_masks.json")

@@ -1,5 +1,7 @@
 """Every shipped workflow opens (known nodes, consistent links, clean layout) and runs end to end in ComfyUI."""
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from PIL import Image  # noqa: E402
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
 FAST_STEPS = 2
+# Where to keep the attention-map previews the workflows produce (unset: not kept).
+ARTIFACTS = Path(os.environ["SUBJECT_TEST_ARTIFACTS"]) if os.environ.get("SUBJECT_TEST_ARTIFACTS") else None
 # The session fixtures that put in place the model files each loader node of a workflow names.
 WORKFLOW_FIXTURES = {
     "FastComposerLoader": ("fastcomposer_file",),
@@ -49,7 +53,7 @@ def fast(prompt):
 def test_there_are_workflows():
     names = {path.name for path in WORKFLOWS}
     assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json",
-            "nested_single_subject.json", "nested_person_and_pet.json"} <= names
+            "nested_single_subject.json", "nested_person_and_pet.json", "two_subjects_with_masks.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -82,9 +86,17 @@ def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, re
     sampler = next(node for node in prompt.values() if "seed" in node["inputs"])
 
     def run():
-        paths = comfy.output_images(comfy.execute(prompt))
-        assert len(paths) == 1
-        return np.asarray(Image.open(paths[0]))
+        outputs = comfy.execute(prompt)
+        saved = comfy.output_images({id_: out for id_, out in outputs.items() if prompt[id_]["class_type"] == "SaveImage"})
+        assert len(saved) == 1
+        previews = comfy.output_images({id_: out for id_, out in outputs.items() if prompt[id_]["class_type"] == "PreviewImage"})
+        for preview in previews:  # the attention-map heatmap: the image plus a legend below it, in colour
+            heatmap = np.asarray(Image.open(preview))
+            assert heatmap.shape[0] > FAST_SIZE and heatmap.shape[1:] == (FAST_SIZE, 3) and heatmap.std() > 0
+            if ARTIFACTS:
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(preview, ARTIFACTS / f"{path.stem}_attention_map.png")
+        return np.asarray(Image.open(saved[0]))
 
     first = run()
     assert first.shape == (FAST_SIZE, FAST_SIZE, 3) and first.std() > 0

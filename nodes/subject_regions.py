@@ -1,0 +1,62 @@
+"""Regional subject masks as nodes: draw a box mask, and apply subject masks to a MODEL (FastComposer lists)."""
+from ..attention.subject_masks import region_mask
+from .subject_patch import PatchedSubject, add_subject_patch
+from .subjects import CATEGORY as PACK_CATEGORY, bindings_of
+
+CATEGORY = f"{PACK_CATEGORY}/composition"
+
+
+class SubjectRegionMask:
+    DESCRIPTION = ("A rectangular MASK for a subject's region, given as fractions of the image (0 = left/top edge, "
+                   "1 = right/bottom edge). Use the size of the image you generate, or any size of the same shape.")
+    CATEGORY = CATEGORY
+    FUNCTION = "mask"
+    RETURN_TYPES = ("MASK",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        side = {"default": 512, "min": 8, "max": 8192, "step": 8}
+        fraction = lambda default, tip: ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tip})
+        return {"required": {
+            "width": ("INT", {**side, "tooltip": "Mask width in pixels (the generated image's width)."}),
+            "height": ("INT", {**side, "tooltip": "Mask height in pixels (the generated image's height)."}),
+            "left": fraction(0.0, "Left edge of the region, as a fraction of the width."),
+            "top": fraction(0.0, "Top edge of the region, as a fraction of the height."),
+            "right": fraction(0.5, "Right edge of the region, as a fraction of the width."),
+            "bottom": fraction(1.0, "Bottom edge of the region, as a fraction of the height."),
+        }}
+
+    def mask(self, width, height, left, top, right, bottom):
+        return (region_mask(height, width, left, top, right, bottom)[None],)
+
+
+class ApplySubjectMasks:
+    DESCRIPTION = ("Patches a copy of the MODEL so that each subject's word is attended only inside that subject's "
+                   "mask (from 'Add Subject'), at every cross-attention layer: the way to place several FastComposer "
+                   "subjects without their identities blending. Nested Attention subjects need not pass through here: "
+                   "'Apply Nested Attention' applies their masks itself. Subjects without a mask are untouched.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "positive": ("CONDITIONING", {"tooltip": "The subject encode node's output (also the sampler's positive)."}),
+        }}
+
+    def apply(self, model, positive):
+        bindings = bindings_of(positive)
+        if not bindings:
+            raise ValueError("this conditioning binds no subject: connect the output of 'FastComposer Encode' "
+                             "(with a subject list) or 'Nested Attention Encode'")
+        masked = [PatchedSubject(signature, subject, mask=subject.mask) for subject, signature in bindings
+                  if subject.mask is not None and subject.adapter is None]
+        if not masked and not any(subject.mask is not None for subject, _ in bindings):
+            raise ValueError("no subject in this conditioning has a mask: connect a MASK to 'Add Subject'")
+        return (add_subject_patch(model, masked) if masked else model,)
+
+
+NODE_CLASS_MAPPINGS = {"SubjectRegionMask": SubjectRegionMask, "ApplySubjectMasks": ApplySubjectMasks}
+NODE_DISPLAY_NAME_MAPPINGS = {"SubjectRegionMask": "Subject Region Mask", "ApplySubjectMasks": "Apply Subject Masks"}
