@@ -1,6 +1,8 @@
 """Nested Attention Encode: bind each subject to its word, as the subject token s*, and encode the prompt."""
 from dataclasses import replace
 
+import torch
+
 from ..encoders.subject_prompt import mark_subject_words, prompt_with_sentinels, remove_sentinels
 from .base_model import clip_tokenizers
 from .nested_adapter_nodes import CATEGORY
@@ -21,7 +23,9 @@ def bound_token_positions(clip, text: str, words: list[str]) -> tuple[dict, list
     return chunks, positions
 
 
-def encode_with_subjects(clip, subjects, text: str) -> list:
+def encode_subject_prompt(clip, subjects, text: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The prompt's context (1, T, D) with each subject's word as its adapter's subject token s*, the pooled
+    output, and each subject's token position."""
     encoders = sorted(clip_tokenizers(clip))
     for subject in subjects:
         if subject.adapter is not None and sorted(subject.adapter.placeholder_embeddings) != encoders:
@@ -40,6 +44,11 @@ def encode_with_subjects(clip, subjects, text: str) -> list:
             # s* is a new token: the subject word's last token gets the adapter's own input embedding.
             chunk[index] = (subject.adapter.placeholder_embeddings[key].detach().float().cpu(), chunk[index][1])
     cond, pooled = clip.encode_from_tokens(token_pairs, return_pooled=True)
+    return cond, pooled, positions
+
+
+def encode_with_subjects(clip, subjects, text: str) -> list:
+    cond, pooled, positions = encode_subject_prompt(clip, subjects, text)
     signatures = [cond[0, position].clone() for position in positions]
     if len({tuple(signature.tolist()) for signature in signatures}) != len(signatures):
         raise ValueError("two subjects ended up with identical token states; give them different words or adapters")

@@ -5,25 +5,12 @@ called `nodes`, so tests never put the pack root on sys.path. Instead the root i
 as a package without running its `__init__` (which needs ComfyUI); subpackages then import
 normally: `from subject_personalization.attention import ...`.
 """
-import importlib.machinery
 import sys
-import types
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_NAME = "subject_personalization"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from pack_package import register_pack  # noqa: E402
 
-
-def _register_pack() -> None:
-    if PACKAGE_NAME in sys.modules:
-        return
-    package = types.ModuleType(PACKAGE_NAME)
-    package.__path__ = [str(PACK_ROOT)]
-    package.__spec__ = importlib.machinery.ModuleSpec(PACKAGE_NAME, None, is_package=True)
-    package.__spec__.submodule_search_locations = [str(PACK_ROOT)]
-    sys.modules[PACKAGE_NAME] = package
-
-
-_register_pack()
+register_pack()
 # Independent reference implementations used by the tests live in tests/reference/.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

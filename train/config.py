@@ -1,0 +1,67 @@
+"""Training configuration: one dataclass, read from a TOML or JSON file, overridable from the command line."""
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                          # dataset folder holding metadata.jsonl (see README, "Training")
+    output: str = "nested_attention_run"    # run folder: checkpoints, loss log, validation grids, encodings cache
+    encodings: str = ""                     # where the encoder outputs are cached ("" = <output>/encodings)
+    checkpoint: str = ""                    # base model: a ComfyUI checkpoint file (SD1.5 or SDXL), frozen
+    clip_vision: str = ""                   # CLIP vision file (ViT-L/14 or ViT-H/14), frozen
+    initializer_word: str = "person"        # the subject token starts as this word
+    subject_domain: str = "person"
+    vision_model: str = "ViT-L/14"
+    encoder: dict = field(default_factory=dict)   # resampler overrides: num_queries, depth, width, heads
+    resolution: int = 512
+    batch_size: int = 4                     # per process
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_steps: int = 10000
+    seed: int = 0
+    mixed_precision: str = "no"             # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0                  # 0: no EMA; e.g. 0.999
+    subject_dropout: float = 0.1            # per subject, for classifier-free guidance on the subject
+    localization_weight: float = 0.0        # FastComposer's balanced localisation loss (needs masks); 1e-3 in the paper
+    masked_loss_probability: float = 0.0    # chance per image that the denoising loss counts only subject pixels
+    reference_background: str = "black"     # derived references: the subject on this plain background
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    validate_every: int = 0                 # 0: no validation
+    validation: list = field(default_factory=list)  # [{prompt, word, reference}], rendered through the nodes' patch
+    validation_steps: int = 20
+    device: str = ""                        # "" = cuda when available, else cpu
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The file's values (TOML or JSON), then `key=value` overrides (values parsed as JSON when they can be)."""
+    values = {}
+    if path:
+        text = Path(path).read_text()
+        values = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator:
+            raise ValueError(f"override {override!r} is not key=value")
+        try:
+            values[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key.strip()] = value
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    config = TrainConfig(**values)
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    return config
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return asdict(config)

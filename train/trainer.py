@@ -1,0 +1,323 @@
+"""The Nested Attention trainer: a frozen ComfyUI base model, a learning subject encoder and nested projections.
+
+One process per device; several processes through PyTorch's DistributedDataParallel (`torchrun`). Every random
+draw of a step (data order, reference choice, subject dropout, timesteps, noise) comes from generators seeded by
+(seed, step, process, micro-batch), so a resumed run continues exactly where the interrupted one was.
+"""
+import contextlib
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..encoders.nested_adapter import load_nested_adapter, save_nested_adapter
+from ..nodes.base_model import model_cross_attention_layers, model_family
+from ..nodes.nested_adapter_nodes import fresh_adapter
+from .config import TrainConfig, config_dict
+from .dataset import SubjectDataset
+from .encodings import EncodedExample, encode_dataset, load_encoded
+from .objective import TrainingAttention, gradient_checkpointing, masked_mse, noised, prediction_target
+
+LOG_COLUMNS = ("step", "loss", "denoising_loss", "localization_loss", "learning_rate", "images_per_second")
+
+
+@dataclass
+class BaseModels:
+    """ComfyUI's objects for the frozen base: MODEL, CLIP, VAE and CLIP_VISION (the latter three may be None
+    once the encodings are cached and no validation is asked for)."""
+    model: object
+    clip: object = None
+    vae: object = None
+    clip_vision: object = None
+    name: str = ""
+
+
+def load_base_models(config: TrainConfig) -> BaseModels:
+    """The base checkpoint through ComfyUI's own loader, and the CLIP vision model."""
+    import comfy.clip_vision
+    import comfy.sd
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(config.checkpoint, output_vae=True, output_clip=True)[:3]
+    return BaseModels(model, clip, vae, comfy.clip_vision.load(config.clip_vision), Path(config.checkpoint).name)
+
+
+class SubjectEncoderTraining(nn.Module):
+    """The learning part: resampler and nested projections (what DistributedDataParallel synchronises)."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, reference_tokens: torch.Tensor, placement: list[tuple[int, int]], batch: int, slots: int) -> list[dict]:
+        """reference_tokens (P, tokens, W) of the subjects at placement [(row, slot)] -> per slot, layer -> (K~, V~)."""
+        subject_tokens = self.adapter.resampler(reference_tokens)
+        per_slot = subject_tokens.new_zeros(slots, batch, *subject_tokens.shape[1:])
+        rows, slot_ids = zip(*placement)
+        per_slot = per_slot.index_put((torch.tensor(slot_ids), torch.tensor(rows)), subject_tokens)
+        return [self.adapter.projections.project(per_slot[slot]) for slot in range(slots)]
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, base: BaseModels, rank: int = 0, world_size: int = 1, adapter=None):
+        self.config, self.base, self.rank, self.world_size = config, base, rank, world_size
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.output = Path(config.output)
+        self.family = model_family(base.model)
+        self.layers = model_cross_attention_layers(base.model)
+        self.adapter = adapter if adapter is not None else fresh_adapter(
+            base.model, base.clip, config.initializer_word, config.vision_model, config.subject_domain, config.seed,
+            **config.encoder)
+        self.adapter.to(self.device).float().train()
+        self.adapter.placeholder_embeddings.requires_grad_(False)  # s* stays fixed: the cached contexts depend on it
+        self.unet = base.model.model.diffusion_model.to(self.device).requires_grad_(False).eval()
+        self.model_sampling = base.model.model.model_sampling.to(self.device)
+        self.attention = TrainingAttention(self.family, config.localization_weight > 0)
+        self.encoder = SubjectEncoderTraining(self.adapter)
+        self.trainable = DistributedDataParallel(self.encoder) if world_size > 1 else self.encoder
+        parameters = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        warmup = max(1, config.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.ema = AveragedModel(self.adapter, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) \
+            if config.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        self.step = 0
+        self.dataset = SubjectDataset(config.data, config.resolution, config.reference_background)
+        self.encodings = Path(config.encodings) if config.encodings else self.output / "encodings"
+
+    # ------------------------------------------------------------------ data
+    def prepare(self) -> None:
+        """Process 0 writes the cached encodings; the others wait for it."""
+        if self.rank == 0:
+            from tqdm import tqdm
+            missing = sum(not (self.encodings / f"{i:06d}.safetensors").is_file() for i in range(len(self.dataset)))
+            if missing:
+                with tqdm(total=missing, desc="encoding the training set") as progress:
+                    encode_dataset(self.dataset, self.encodings, self.adapter, self.base.clip, self.base.vae,
+                                   self.base.clip_vision, progress)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _examples(self, step: int, micro: int) -> list[EncodedExample]:
+        """This process's examples for one micro-batch: a fixed permutation per epoch, shared by all processes."""
+        size, batch = len(self.dataset), self.config.batch_size
+        first = ((step * self.config.gradient_accumulation + micro) * self.world_size + self.rank) * batch
+        examples = []
+        for position in range(first, first + batch):
+            epoch, index = divmod(position, size)
+            order = torch.randperm(size, generator=step_generator(self.config.seed, 0, epoch))
+            examples.append(load_encoded(self.encodings, int(order[index])))
+        return examples
+
+    # ------------------------------------------------------------------ one step
+    def losses(self, examples: list[EncodedExample], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        device, config = self.device, self.config
+        batch, slots = len(examples), max(len(e.positions) for e in examples)
+        if len({tuple(e.context.shape) for e in examples}) > 1:
+            raise ValueError("captions of one batch encode to different lengths (over 77 tokens); shorten the long "
+                             "captions or use batch_size 1")
+        latent = torch.stack([e.latent for e in examples]).to(device)
+        context = torch.stack([e.context for e in examples]).to(device)
+        token_index, present, placement, references = [], torch.zeros(batch, slots, dtype=torch.bool), [], []
+        for slot in range(slots):
+            index = torch.full((batch,), -1)
+            for row, example in enumerate(examples):
+                if slot < len(example.positions) and float(torch.rand((), generator=generator)) >= config.subject_dropout:
+                    index[row], present[row, slot] = example.positions[slot], True
+                    choices = example.references[slot]
+                    references.append(choices[int(torch.randint(len(choices), (), generator=generator))])
+                    placement.append((row, slot))
+            token_index.append(index)
+        sigma, noisy = noised(self.model_sampling, latent, generator)
+        masks = self._masks(examples, slots, latent.shape[-2:])
+        masked_rows = torch.rand(batch, generator=generator) < config.masked_loss_probability
+        with torch.autocast(device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16,
+                            enabled=config.mixed_precision != "no"):
+            if not placement:  # every subject dropped: encode one unbound reference so each process runs the same graph
+                references, placement = [examples[0].references[0][0]], [(0, 0)]
+            nested = self.trainable(torch.stack(references).to(device), placement, batch, slots)
+            self.attention.set_step(token_index, nested)
+            options = {"patches_replace": {"attn2": {layer.block: self.attention.replacement for layer in self.layers}}}
+            with gradient_checkpointing(self.unet, config.gradient_checkpointing):
+                output = self.unet(self.model_sampling.calculate_input(sigma.reshape(-1, 1, 1, 1), noisy),
+                                   self.model_sampling.timestep(sigma), context=context, y=self._adm(examples),
+                                   transformer_options=options)
+        target = prediction_target(self.model_sampling, sigma, latent, noisy)
+        pixel_weight = None
+        if bool(masked_rows.any()) and masks is not None:
+            union = masks.amax(dim=1)
+            pixel_weight = torch.where(masked_rows[:, None, None].to(device), union, torch.ones_like(union))
+        losses = {"denoising_loss": masked_mse(output, target, pixel_weight)}
+        loss = losses["denoising_loss"]
+        if config.localization_weight > 0:
+            if masks is None:
+                raise ValueError("localization_weight > 0 needs a mask for every subject in the training set")
+            losses["localization_loss"] = self.attention.localization_loss(masks, present.to(device))
+            loss = loss + config.localization_weight * losses["localization_loss"]
+        # Zero times every nested value: all trainable weights are in the graph even when dropout unbinds them all,
+        # which DistributedDataParallel needs to synchronise the gradients.
+        losses["loss"] = loss + 0.0 * sum(keys.sum() + values.sum() for keys, values in nested[0].values())
+        return losses
+
+    def _masks(self, examples: list[EncodedExample], slots: int, size) -> torch.Tensor | None:
+        if any(mask is None for e in examples for mask in e.masks):
+            return None
+        masks = torch.zeros(len(examples), slots, *size)
+        for row, example in enumerate(examples):
+            for slot, mask in enumerate(example.masks):
+                masks[row, slot] = mask
+        return masks.to(self.device)
+
+    def _adm(self, examples: list[EncodedExample]) -> torch.Tensor | None:
+        """SDXL's size-and-pooled-text vector (None for SD1.5), for the training resolution without crops."""
+        side = self.config.resolution
+        rows = [self.base.model.model.encode_adm(pooled_output=e.pooled[None].to(self.device), width=side, height=side,
+                                                 crop_w=0, crop_h=0, target_width=side, target_height=side)
+                for e in examples]
+        return None if rows[0] is None else torch.cat(rows).to(self.device)
+
+    def train_step(self) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulation, totals = self.config.gradient_accumulation, {}
+        for micro in range(accumulation):
+            generator = step_generator(self.config.seed, 1, self.step, self.rank, micro)
+            sync = micro == accumulation - 1 or self.world_size == 1
+            with self.trainable.no_sync() if not sync else contextlib.nullcontext():
+                losses = self.losses(self._examples(self.step, micro), generator)
+                self.scaler.scale(losses["loss"] / accumulation).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.adapter)
+        self.step += 1
+        return totals
+
+    # ------------------------------------------------------------------ the run
+    def fit(self, validate=None) -> list[dict]:
+        """Train to max_steps; returns the logged rows. `validate(trainer)` is called every validate_every steps."""
+        from tqdm import tqdm
+        config = self.config
+        self.prepare()
+        log, history = self._open_log(), []
+        progress = tqdm(total=config.max_steps, initial=self.step, desc="training", disable=self.rank != 0)
+        started, images = time.perf_counter(), 0
+        while self.step < config.max_steps:
+            losses = self.train_step()
+            images += config.batch_size * config.gradient_accumulation * self.world_size
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss']:.4f}")
+            row = {"step": self.step, **losses, "learning_rate": self.scheduler.get_last_lr()[0],
+                   "images_per_second": images / (time.perf_counter() - started)}
+            history.append(row)
+            if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.max_steps):
+                log.write(row)
+            if config.checkpoint_every and (self.step % config.checkpoint_every == 0 or self.step == config.max_steps):
+                self.save_checkpoint()
+            if validate is not None and config.validate_every and self.rank == 0 and self.step % config.validate_every == 0:
+                validate(self)
+        progress.close()
+        log.close()
+        return history
+
+    def inference_adapter(self):
+        """The weights to use for generation: the EMA when it is kept, else the current ones."""
+        return self.ema.module if self.ema is not None else self.adapter
+
+    def save_checkpoint(self) -> Path | None:
+        if self.world_size > 1:
+            dist.barrier()
+        if self.rank != 0:
+            return None
+        folder = self.output / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.step:07d}.safetensors"
+        adapter = self.inference_adapter()
+        adapter.provenance = {"trainer": "subject_personalization.train", "step": self.step, "base_model": self.base.name,
+                              "dataset": str(self.config.data), "examples": len(self.dataset),
+                              "processes": self.world_size, "ema": self.ema is not None,
+                              "config": config_dict(self.config)}
+        save_nested_adapter(path, adapter)
+        state = {"step": self.step, "adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        torch.save(state, path.with_suffix(".state.pt"))
+        return path
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Continue the run a checkpoint of it was written by: weights, optimizer, schedule, EMA and step."""
+        checkpoint = Path(checkpoint)
+        if checkpoint.name == "latest":
+            found = sorted((self.output / "checkpoints").glob("step_*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"no checkpoint in {self.output / 'checkpoints'} to resume from")
+            checkpoint = found[-1]
+        state_file = checkpoint.with_suffix(".state.pt")
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file} not found: resuming needs the training state written with the checkpoint")
+        load_nested_adapter(checkpoint)  # refuses anything that is not an adapter file
+        state = torch.load(state_file, map_location=self.device, weights_only=True)
+        self.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = state["step"]
+
+    def _open_log(self):
+        return _LossLog(self.output, self.step) if self.rank == 0 else _LossLog(None, self.step)
+
+
+class _LossLog:
+    """loss.csv (appended to on resume, rows past the resumed step dropped) and TensorBoard when installed."""
+
+    def __init__(self, output: Path | None, step: int):
+        self.file = self.writer = self.board = None
+        if output is None:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / "loss.csv"
+        kept = []
+        if path.is_file() and step > 0:
+            kept = [row for row in csv.DictReader(path.open()) if int(row["step"]) <= step]
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(output / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self.board = None
+
+    def write(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        self.writer.writerow({column: row.get(column, "") for column in LOG_COLUMNS})
+        self.file.flush()
+        if self.board is not None:
+            for name, value in row.items():
+                if name != "step" and isinstance(value, float) and math.isfinite(value):
+                    self.board.add_scalar(name, value, row["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
