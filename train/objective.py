@@ -7,7 +7,6 @@ keys/values that carry gradients back to the adapter.
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention.localization_loss import balanced_localization_loss

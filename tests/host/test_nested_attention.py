@@ -8,10 +8,10 @@ import torch
 from hostenv import require_comfyui
 
 require_comfyui()
+from unet_calls import run_plain, run_wrapped  # noqa: E402
 
 PROMPT = "a photo of a person walking a dog on the beach"
 LONG_PROMPT = ", ".join(["a quiet street with old trees"] * 12) + ", and a person walking a dog"
-SIGMA = 3.0
 LAYOUT_TOLERANCE = 1e-4  # a row batched with others may take another summation order (seen: 1.6e-5)
 REFERENCE_TOLERANCE = 1e-4  # float32 layer vs float64 reference
 
@@ -41,26 +41,6 @@ def apply(node, model, positive, strength=1.0):
     return node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)[0]
 
 
-LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # every row gets the same latent
-
-
-def run_wrapped(patched, contexts, cond_or_uncond):
-    """One UNet call the way ComfyUI's sampler makes it: through the installed model wrapper."""
-    context = torch.cat(contexts)
-    latents = LATENT.expand(context.shape[0], -1, -1, -1)
-    options = {**patched.model_options["transformer_options"], "cond_or_uncond": cond_or_uncond}
-    args = {"input": latents, "timestep": torch.full((context.shape[0],), SIGMA), "cond_or_uncond": cond_or_uncond,
-            "c": {"c_crossattn": context, "transformer_options": options}}
-    with torch.no_grad():
-        return patched.model_options["model_function_wrapper"](patched.model.apply_model, args)
-
-
-def run_plain(model, contexts):
-    context = torch.cat(contexts)
-    latents = LATENT.expand(context.shape[0], -1, -1, -1)
-    with torch.no_grad():
-        return model.model.apply_model(latents, torch.full((context.shape[0],), SIGMA), c_crossattn=context,
-                                       transformer_options={})
 
 
 def test_apply_patches_every_layer_of_a_clone_and_leaves_the_model_alone(fastcomposer_models, nested, node):

@@ -7,11 +7,10 @@ import torch
 from hostenv import require_comfyui
 
 require_comfyui()
+from unet_calls import run_plain, run_wrapped  # noqa: E402
 
 PROMPT = "a man <|image|> and a woman <|image|> reading a book together"
 PLAIN_PROMPT = "a man and a woman reading a book together"
-SIGMA = 3.0
-LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 LEFT, RIGHT = (0.0, 0.5), (0.5, 1.0)
 
 
@@ -48,24 +47,6 @@ def masked(node, fastcomposer):
     subjects = subject_list(node, ("man", image(1), {"mask": half_mask(node, LEFT)}),
                             ("woman", image(2), {"mask": half_mask(node, RIGHT)}))
     return fastcomposer(PLAIN_PROMPT, subjects)
-
-
-def run_wrapped(patched, contexts, cond_or_uncond):
-    """One UNet call the way ComfyUI's sampler makes it: through the installed model wrapper."""
-    context = torch.cat(contexts)
-    latents = LATENT.expand(context.shape[0], -1, -1, -1)
-    options = {**patched.model_options["transformer_options"], "cond_or_uncond": cond_or_uncond}
-    args = {"input": latents, "timestep": torch.full((context.shape[0],), SIGMA), "cond_or_uncond": cond_or_uncond,
-            "c": {"c_crossattn": context, "transformer_options": options}}
-    with torch.no_grad():
-        return patched.model_options["model_function_wrapper"](patched.model.apply_model, args)
-
-
-def run_plain(model, contexts):
-    context = torch.cat(contexts)
-    with torch.no_grad():
-        return model.model.apply_model(LATENT.expand(context.shape[0], -1, -1, -1),
-                                       torch.full((context.shape[0],), SIGMA), c_crossattn=context, transformer_options={})
 
 
 
