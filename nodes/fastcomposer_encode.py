@@ -75,17 +75,18 @@ def encode_fastcomposer(clip, clip_vision, fusion: FastComposerFusion, text: str
 
     embeddings = subject_embeddings(clip_vision, [subject.images for subject in subjects])
     positions = marked.subject_positions
+    with torch.no_grad():  # every subject fused once; each schedule segment takes the rows it needs
+        fused = fusion(text_states.float(), torch.tensor(positions), embeddings).to(text_states.dtype)
     conditioning = []
     for start, end, fused_subjects in schedule_segments(subjects, text_only_fraction):
         states = text_states
         if fused_subjects:
-            with torch.no_grad():
-                states = fusion(text_states.float(), torch.tensor([positions[i] for i in fused_subjects]),
-                                embeddings[list(fused_subjects)]).to(text_states.dtype)
+            states = text_states.clone()
             for index in fused_subjects:
-                if subjects[index].weight != 1.0:  # lerp is exact at weight 1, but skipping keeps it obviously so
-                    position = positions[index]
-                    states[:, position] = torch.lerp(text_states[:, position], states[:, position], subjects[index].weight)
+                position, weight = positions[index], subjects[index].weight
+                # lerp is exact at weight 1, but skipping it keeps the reference's values obviously unchanged
+                states[:, position] = fused[:, position] if weight == 1.0 else \
+                    torch.lerp(text_states[:, position], fused[:, position], weight)
         options = {"pooled_output": pooled,
                    BINDINGS_KEY: tuple((subject, states[0, position].clone()) for subject, position in zip(subjects, positions))}
         if (start, end) != (0.0, 1.0):

@@ -178,23 +178,18 @@ class SubjectAttentionPatch:
             self._device_cache[cache_key] = layer_query_mask(subject.mask, height, width).to(like)
         return self._device_cache[cache_key]
 
-    def _recorded(self, extra_options: dict, record: bool) -> list | None:
-        """The recorded subjects (by source) if this layer call is recorded, else None."""
-        if not record or extra_options["block"][0] not in self.recording.blocks:
-            return None
-        return self.recording.sources
-
     def _attn2(self, previous):
         def plain(q, k, v, extra_options):
             return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, extra_options["n_heads"])
 
         def attn2(q, k, v, extra_options):
-            found, record = extra_options.get(self.options_key, ((), False))
-            key, recorded, bindings, sources = layer_key(extra_options), self._recorded(extra_options, record), [], []
+            found, record_step = extra_options.get(self.options_key, ((), False))
+            record = record_step and extra_options["block"][0] in self.recording.blocks
+            key, bindings, sources = layer_key(extra_options), [], []
             for subject, token_index in found:
                 nested_keys, nested_values = self._nested(subject, key, q)
                 acts = subject.mask is not None or (nested_keys is not None and subject.strength > 0)
-                if acts or (recorded is not None and subject.source in recorded):
+                if acts or (record and subject.source in self.recording.sources):
                     bindings.append(SubjectBinding(token_index, nested_keys, nested_values, subject.strength,
                                                    self._query_mask(subject, extra_options, q)))
                     sources.append(subject.source)
@@ -206,7 +201,7 @@ class SubjectAttentionPatch:
             carried, heads = rows.nonzero().flatten(), extra_options["n_heads"]
             base = plain(q, k, v, extra_options) if previous is not None or not rows.all() else None
             carried_bindings = [_rows_of(binding, carried) for binding in bindings]
-            if recorded is None:
+            if not record:
                 subject_out = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings)
             else:
                 subject_out, probs = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings,

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         config.clip_vision = resolve_model_file(config.clip_vision, "clip_vision")
         trainer = Trainer(config, load_base_models(config), rank, world_size)
         if args.resume:
-            trainer.resume(Path(config.output) / "checkpoints" / "latest" if args.resume == "latest" else args.resume)
+            trainer.resume(args.resume)
         trainer.fit(validate=render_validation if config.validation else None)
     finally:
         if world_size > 1:

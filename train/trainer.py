@@ -97,6 +97,7 @@ class Trainer:
         self.step = 0
         self.dataset = SubjectDataset(config.data, config.resolution, config.reference_background)
         self.encodings = Path(config.encodings) if config.encodings else self.output / "encodings"
+        self._orders: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ data
     def prepare(self) -> None:
@@ -118,9 +119,15 @@ class Trainer:
         examples = []
         for position in range(first, first + batch):
             epoch, index = divmod(position, size)
-            order = torch.randperm(size, generator=step_generator(self.config.seed, 0, epoch))
-            examples.append(load_encoded(self.encodings, int(order[index])))
+            examples.append(load_encoded(self.encodings, int(self._epoch_order(epoch)[index])))
         return examples
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The dataset's permutation for one epoch, drawn once (a batch may straddle two epochs)."""
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self.dataset), generator=step_generator(self.config.seed, 0, epoch)),
+                            **{e: order for e, order in self._orders.items() if e == epoch - 1}}
+        return self._orders[epoch]
 
     # ------------------------------------------------------------------ one step
     def losses(self, examples: list[EncodedExample], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -214,7 +221,7 @@ class Trainer:
         from tqdm import tqdm
         config = self.config
         self.prepare()
-        log, history = self._open_log(), []
+        log, history = _LossLog(self.output if self.rank == 0 else None, self.step), []
         progress = tqdm(total=config.max_steps, initial=self.step, desc="training", disable=self.rank != 0)
         started, images = time.perf_counter(), 0
         while self.step < config.max_steps:
@@ -279,9 +286,6 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
-
-    def _open_log(self):
-        return _LossLog(self.output, self.step) if self.rank == 0 else _LossLog(None, self.step)
 
 
 class _LossLog:
