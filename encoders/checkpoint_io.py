@@ -10,7 +10,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def looks_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header (whose length may start with 0x80).
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= Path(path).stat().st_size - 8:
+        return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # zip-based torch.save, or a raw pickle
 
 

@@ -6,7 +6,9 @@ File format: safetensors. Tensors are the `NestedAdapter` state dict (`resampler
   base_family, context_width "sd15" | "sdxl", "768" | "2048"
   layers                     [{"key", "inner_dim", "heads"}] of every attn2 layer (see unet_layers.py)
   encoder                    ResamplerConfig as a dict
-  clip_vision                {"name": "ViT-L/14", "hidden_width": 1024, "hidden_state": "penultimate" | "last"}
+  clip_vision                {"name": "ViT-L/14", "hidden_width": 1024, "hidden_state": "penultimate" | "last",
+                              "trained_layers": N}: the adapter carries its own copies (`vision_layers.*`) of the
+                              N CLIP vision layers that end at hidden_state, and is fed the hidden state before them
   subject_domain, initializer_word, placeholder_word, special_token_weight
   provenance                 free dict: dataset, steps, base checkpoint hash, ...
 """
@@ -22,6 +24,7 @@ from .checkpoint_io import looks_like_pickle
 from .nested_projections import NestedProjections
 from .subject_resampler import ResamplerConfig, SubjectResampler
 from .unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, check_family, cross_attention_layers
+from .vision_layers import VisionLayer, run_vision_layers
 
 FORMAT_NAME = "nested_attention_adapter"
 FORMAT_VERSION = "1"
@@ -36,7 +39,7 @@ class NestedAdapter(nn.Module):
     def __init__(self, base_family: str, encoder: ResamplerConfig, subject_domain: str, initializer_word: str,
                  placeholder_word: str = "<subject>", special_token_weight: float = 1.0,
                  provenance: dict | None = None, vision_hidden_state: str = "penultimate", name: str = "(unsaved)",
-                 layers: list[CrossAttentionLayer] | None = None):
+                 layers: list[CrossAttentionLayer] | None = None, vision_layers: int = 0):
         super().__init__()
         check_family(base_family)
         if encoder.output_width != CONTEXT_WIDTH[base_family]:
@@ -59,6 +62,7 @@ class NestedAdapter(nn.Module):
         self.layers = cross_attention_layers(base_family) if layers is None else list(layers)
         if [layer.key for layer in self.layers] != [layer.key for layer in cross_attention_layers(base_family)]:
             raise ValueError(f"the layer table does not match the {base_family} UNet's attn2 layers")
+        self.vision_layers = nn.ModuleList(VisionLayer(encoder.vision_width) for _ in range(vision_layers))
         self.resampler = SubjectResampler(encoder)
         self.projections = NestedProjections(self.layers, self.context_width)
         # The subject token s*: one input-embedding vector per text encoder.
@@ -73,6 +77,11 @@ class NestedAdapter(nn.Module):
     def vision_width(self) -> int:
         return self.resampler.config.vision_width
 
+    def subject_tokens(self, vision_hidden: torch.Tensor) -> torch.Tensor:
+        """CLIP vision hidden states (B, [n,] tokens, W), taken `len(vision_layers)` layers before `vision_hidden_state`
+        -> subject tokens (B, M, D)."""
+        return self.resampler(run_vision_layers(self.vision_layers, vision_hidden))
+
     def metadata(self) -> dict[str, str]:
         return {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -80,7 +89,8 @@ class NestedAdapter(nn.Module):
             "layers": json.dumps([{"key": l.key, "inner_dim": l.inner_dim, "heads": l.heads} for l in self.layers]),
             "encoder": json.dumps(self.resampler.config.to_dict()),
             "clip_vision": json.dumps({"name": CLIP_VISION[self.vision_width], "hidden_width": self.vision_width,
-                                       "hidden_state": self.vision_hidden_state}),
+                                       "hidden_state": self.vision_hidden_state,
+                                       "trained_layers": len(self.vision_layers)}),
             "subject_domain": self.subject_domain, "initializer_word": self.initializer_word,
             "placeholder_word": self.placeholder_word, "special_token_weight": repr(float(self.special_token_weight)),
             "provenance": json.dumps(self.provenance),
@@ -124,13 +134,15 @@ def load_nested_adapter(path: str | Path) -> NestedAdapter:
                   for entry in json.loads(metadata["layers"])]
     except KeyError as error:
         raise ValueError(f"{path.name}: layer {error} is not an attn2 layer of the {metadata['base_family']} UNet") from None
+    clip_vision = json.loads(metadata["clip_vision"])
     with torch.device("meta"):  # no allocation or random init: every tensor comes from the file
         try:
             adapter = NestedAdapter(
                 metadata["base_family"], ResamplerConfig.from_dict(json.loads(metadata["encoder"])),
                 metadata["subject_domain"], metadata["initializer_word"], metadata["placeholder_word"],
                 float(metadata["special_token_weight"]), json.loads(metadata["provenance"]),
-                json.loads(metadata["clip_vision"])["hidden_state"], name=path.stem, layers=layers)
+                clip_vision["hidden_state"], name=path.stem, layers=layers,
+                vision_layers=clip_vision.get("trained_layers", 0))
         except ValueError as error:
             raise ValueError(f"{path.name}: {error}") from None
     try:
@@ -145,10 +157,12 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
                        initializer_embeddings: dict[str, torch.Tensor], initializer_context: torch.Tensor,
                        base_to_k: dict[str, torch.Tensor], base_to_v: dict[str, torch.Tensor],
                        placeholder_word: str = "<subject>", vision_hidden_state: str = "penultimate", seed: int = 0,
-                       layers: list[CrossAttentionLayer] | None = None, **encoder_overrides) -> NestedAdapter:
+                       layers: list[CrossAttentionLayer] | None = None,
+                       base_vision_layers: list[dict[str, torch.Tensor]] = (), **encoder_overrides) -> NestedAdapter:
     """The trainer's starting point, as close to the base model as possible: every subject token equals
     `initializer_context` (the initializer word's context vector, width D) and A_k, A_v are the base to_k, to_v,
-    so the nested value of s* is the base model's value of the initializer word."""
+    so the nested value of s* is the base model's value of the initializer word. `base_vision_layers`: state dicts
+    of the CLIP vision layers that end at `vision_hidden_state`, copied in for fine-tuning."""
     check_family(base_family)
     widths = TEXT_ENCODER_WIDTHS[base_family]
     if set(initializer_embeddings) != set(widths):
@@ -159,7 +173,10 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter = NestedAdapter(base_family, encoder, subject_domain, initializer_word, placeholder_word,
-                                vision_hidden_state=vision_hidden_state, layers=layers)
+                                vision_hidden_state=vision_hidden_state, layers=layers,
+                                vision_layers=len(base_vision_layers))
+    for layer, state in zip(adapter.vision_layers, base_vision_layers):
+        layer.load_state_dict(state)
     resampler = adapter.resampler
     # Zero the last layers that produce tokens, so every token starts exactly at base_token.
     nn.init.zeros_(resampler.proj_out.weight)

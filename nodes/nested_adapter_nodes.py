@@ -9,6 +9,8 @@ from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, new_ne
 from .base_model import attn2_weights, clip_tokenizers, model_cross_attention_layers, model_family
 from .subjects import CATEGORY as PACK_CATEGORY
 
+HIDDEN_STATE_INDEX = {"penultimate": -2, "last": -1}  # as ComfyUI's CLIP encoder counts intermediate outputs
+
 CATEGORY = f"{PACK_CATEGORY}/Nested Attention"
 VISION_MODELS = {"ViT-L/14": 1024, "ViT-H/14": 1280}
 DOMAINS = ["person", "pet", "object", "other"]
@@ -30,13 +32,30 @@ def initializer_vectors(clip, word: str) -> tuple[dict[str, torch.Tensor], torch
 
 
 def fresh_adapter(model, clip, initializer_word: str, vision_model: str, subject_domain: str, seed: int = 0,
-                  **encoder_overrides) -> NestedAdapter:
-    """A new adapter for this MODEL and CLIP (encoder_overrides: the resampler's tokens, depth, width...)."""
+                  clip_vision=None, vision_layers: int = 0, **encoder_overrides) -> NestedAdapter:
+    """A new adapter for this MODEL and CLIP (encoder_overrides: the resampler's tokens, depth, width...), with copies
+    of CLIP_VISION's last `vision_layers` layers before its penultimate hidden state when asked (for fine-tuning)."""
     layers = model_cross_attention_layers(model)
     embeddings, context = initializer_vectors(clip, initializer_word)
     return new_nested_adapter(model_family(model), VISION_MODELS[vision_model], subject_domain, initializer_word,
                               embeddings, context, attn2_weights(model, layers, "to_k"), attn2_weights(model, layers, "to_v"),
-                              seed=seed, layers=layers, **encoder_overrides)
+                              seed=seed, layers=layers, base_vision_layers=last_vision_layers(clip_vision, vision_layers),
+                              **encoder_overrides)
+
+
+def last_vision_layers(clip_vision, count: int, hidden_state: str = "penultimate") -> list[dict[str, torch.Tensor]]:
+    """State dicts (float32, CPU) of the `count` CLIP vision layers that end at that hidden state."""
+    if count == 0:
+        return []
+    if clip_vision is None:
+        raise ValueError("fine-tuning CLIP vision layers needs the CLIP_VISION model to copy them from")
+    encoder_layers = clip_vision.model.vision_model.encoder.layers
+    end = len(encoder_layers) + HIDDEN_STATE_INDEX[hidden_state] + 1
+    if not 0 < count < end:
+        raise ValueError(f"can fine-tune 1 to {end - 1} CLIP vision layers before the {hidden_state} hidden state, "
+                         f"not {count}")
+    return [{key: value.detach().float().cpu().clone() for key, value in layer.state_dict().items()}
+            for layer in encoder_layers[end - count:end]]
 
 
 class NestedAttentionLoader:

@@ -1,10 +1,12 @@
 """Nested Attention Subject: photos of one subject -> its encoder tokens, appended to a SUBJECTS list."""
 from dataclasses import replace
 
+import comfy.model_management
 import torch
+from comfy.clip_vision import clip_preprocess
 
 from ..encoders.nested_adapter import CLIP_VISION
-from .nested_adapter_nodes import CATEGORY
+from .nested_adapter_nodes import CATEGORY, HIDDEN_STATE_INDEX
 from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask
 
 CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
@@ -15,14 +17,27 @@ def encode_subject_tokens(adapter, clip_vision, images: torch.Tensor) -> torch.T
     """(n, H, W, C) photos of one subject -> the adapter's encoder tokens (1, M, D), averaged over the photos."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty IMAGE batch, got shape {tuple(images.shape)}")
-    hidden = clip_vision.encode_image(images)[CLIP_VISION_OUTPUTS[adapter.vision_hidden_state]]
+    hidden = vision_hidden_states(clip_vision, images, adapter.vision_hidden_state, len(adapter.vision_layers))
     if hidden.shape[-1] != adapter.vision_width:
         got = CLIP_VISION.get(hidden.shape[-1], "an unknown CLIP vision model")
         raise ValueError(f"adapter {adapter.name} expects {CLIP_VISION[adapter.vision_width]} tokens "
                          f"({adapter.vision_width} wide) but this CLIP_VISION gives {hidden.shape[-1]}-wide tokens "
                          f"({got}): load the matching CLIP vision model")
     parameter = next(adapter.parameters())
-    return adapter.resampler(hidden.to(parameter)[None]).float().cpu()
+    return adapter.subject_tokens(hidden.to(parameter)[None]).float().cpu()
+
+
+def vision_hidden_states(clip_vision, images: torch.Tensor, hidden_state: str, layers_before: int = 0) -> torch.Tensor:
+    """ComfyUI's CLIP vision hidden state `hidden_state` ("penultimate" | "last") of the photos, or the one
+    `layers_before` layers earlier (the input of an adapter's own copies of the layers in between)."""
+    if layers_before == 0:
+        return clip_vision.encode_image(images)[CLIP_VISION_OUTPUTS[hidden_state]]
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    pixels = clip_preprocess(images.to(clip_vision.load_device), size=clip_vision.image_size, mean=clip_vision.image_mean,
+                             std=clip_vision.image_std, crop=True).float()
+    layer = HIDDEN_STATE_INDEX[hidden_state] - layers_before
+    return clip_vision.model(pixel_values=pixels, intermediate_output=layer)[1].to(
+        comfy.model_management.intermediate_device())
 
 
 class NestedAttentionSubject:

@@ -11,6 +11,9 @@ SIZE = 64
 SUBJECTS = {"red disc": (220, 40, 40), "green square": (40, 200, 60), "blue cross": (40, 80, 230)}
 VIEWS = 4
 NAMES = {"red disc": "apple", "green square": "box", "blue cross": "star"}  # one-token words the base model learns
+# The seeded random VAE makes latents of standard deviation ~0.67; this scale brings them to ~1 in the UNet's space,
+# the job SD1.5's 0.18215 does for its real VAE.
+LATENT_SCALE = 1.5
 
 
 def tiny_unet_config(full_model) -> dict:
@@ -21,9 +24,11 @@ def tiny_unet_config(full_model) -> dict:
 @torch.no_grad()
 def tiny_sd15_model(unet_config: dict, seed: int = 0, state_dict: dict | None = None):
     """An SD1.5-class ComfyUI MODEL of that layout: seeded random weights, or the given ones."""
+    import comfy.latent_formats
     import comfy.model_patcher
     import comfy.supported_models
     unet = comfy.supported_models.SD15(unet_config).get_model({}, "")
+    unet.latent_format = comfy.latent_formats.SD15(scale_factor=LATENT_SCALE)
     if state_dict is not None:
         unet.load_state_dict(state_dict)
     else:
@@ -81,19 +86,20 @@ def write_dataset(folder: Path, seed: int = 0) -> dict[str, list[int]]:
 
 
 def pretrain_base(model, clip, latents_by_subject: dict[str, list[torch.Tensor]], steps: int, seed: int = 0) -> None:
-    """Teach the tiny UNet the toys by name ("a photo of a disc on a table"...), as a real base model knows words;
-    the adapter then has to bring a toy's identity through the subject token instead of its name."""
+    """Teach the tiny UNet the toys by name ("a photo of an apple on a table"...), as a real base model knows words;
+    the adapter then has to bring a toy's identity through the subject token instead of its name.
+    Full-batch Adam on every (VAE latent, caption) pair."""
     from subject_personalization.train.objective import noised, prediction_target
     contexts = {name: clip.encode_from_tokens(clip.tokenize(f"a photo of a {NAMES[name]} on a table"))[0].float()
                 for name in latents_by_subject}
     pairs = [(latent, contexts[name]) for name, latents in latents_by_subject.items() for latent in latents]
     unet, sampling = model.model.diffusion_model, model.model.model_sampling
+    latent = model.model.process_latent_in(torch.stack([pair[0] for pair in pairs]))
+    context = torch.stack([pair[1] for pair in pairs])
     unet.requires_grad_(True)
     optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        batch = [pairs[int(i)] for i in torch.randint(len(pairs), (4,), generator=generator)]
-        latent, context = torch.stack([p[0] for p in batch]), torch.stack([p[1] for p in batch])
         sigma, noisy = noised(sampling, latent, generator)
         output = unet(sampling.calculate_input(sigma.reshape(-1, 1, 1, 1), noisy), sampling.timestep(sigma), context=context)
         loss = (output - prediction_target(sampling, sigma, latent, noisy)).square().mean()

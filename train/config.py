@@ -16,6 +16,8 @@ class TrainConfig:
     subject_domain: str = "person"
     vision_model: str = "ViT-L/14"
     encoder: dict = field(default_factory=dict)   # resampler overrides: num_queries, depth, width, heads
+    train_vision_layers: int = 0            # fine-tune copies of the last N CLIP vision layers (kept in the adapter)
+    vision_learning_rate: float = 1e-5      # their learning rate (they start trained; the rest starts fresh)
     resolution: int = 512
     batch_size: int = 4                     # per process
     gradient_accumulation: int = 1

@@ -23,7 +23,7 @@ from ..nodes.base_model import model_cross_attention_layers, model_family
 from ..nodes.nested_adapter_nodes import fresh_adapter
 from .config import TrainConfig, config_dict
 from .dataset import SubjectDataset
-from .encodings import EncodedExample, encode_dataset, load_encoded
+from .encodings import EncodedExample, check_vision_input, encode_dataset, load_encoded
 from .objective import TrainingAttention, gradient_checkpointing, masked_mse, noised, prediction_target
 
 LOG_COLUMNS = ("step", "loss", "denoising_loss", "localization_loss", "learning_rate", "images_per_second")
@@ -57,10 +57,11 @@ class SubjectEncoderTraining(nn.Module):
 
     def forward(self, reference_tokens: torch.Tensor, placement: list[tuple[int, int]], batch: int, slots: int) -> list[dict]:
         """reference_tokens (P, tokens, W) of the subjects at placement [(row, slot)] -> per slot, layer -> (K~, V~)."""
-        subject_tokens = self.adapter.resampler(reference_tokens)
+        subject_tokens = self.adapter.subject_tokens(reference_tokens)
         per_slot = subject_tokens.new_zeros(slots, batch, *subject_tokens.shape[1:])
         rows, slot_ids = zip(*placement)
-        per_slot = per_slot.index_put((torch.tensor(slot_ids), torch.tensor(rows)), subject_tokens)
+        where = (torch.tensor(slot_ids, device=subject_tokens.device), torch.tensor(rows, device=subject_tokens.device))
+        per_slot = per_slot.index_put(where, subject_tokens)
         return [self.adapter.projections.project(per_slot[slot]) for slot in range(slots)]
 
 
@@ -79,7 +80,7 @@ class Trainer:
         self.layers = model_cross_attention_layers(base.model)
         self.adapter = adapter if adapter is not None else fresh_adapter(
             base.model, base.clip, config.initializer_word, config.vision_model, config.subject_domain, config.seed,
-            **config.encoder)
+            base.clip_vision, config.train_vision_layers, **config.encoder)
         self.adapter.to(self.device).float().train()
         self.adapter.placeholder_embeddings.requires_grad_(False)  # s* stays fixed: the cached contexts depend on it
         self.unet = base.model.model.diffusion_model.to(self.device).requires_grad_(False).eval()
@@ -87,8 +88,11 @@ class Trainer:
         self.attention = TrainingAttention(self.family, config.localization_weight > 0)
         self.encoder = SubjectEncoderTraining(self.adapter)
         self.trainable = DistributedDataParallel(self.encoder) if world_size > 1 else self.encoder
-        parameters = [p for p in self.encoder.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        vision = list(self.adapter.vision_layers.parameters())
+        vision_ids = {id(parameter) for parameter in vision}
+        rest = [p for p in self.encoder.parameters() if p.requires_grad and id(p) not in vision_ids]
+        groups = [{"params": rest}] + ([{"params": vision, "lr": config.vision_learning_rate}] if vision else [])
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = max(1, config.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.ema = AveragedModel(self.adapter, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) \
@@ -104,6 +108,7 @@ class Trainer:
         """Process 0 writes the cached encodings; the others wait for it."""
         if self.rank == 0:
             from tqdm import tqdm
+            check_vision_input(self.encodings, self.adapter)
             missing = sum(not (self.encodings / f"{i:06d}.safetensors").is_file() for i in range(len(self.dataset)))
             if missing:
                 with tqdm(total=missing, desc="encoding the training set") as progress:
@@ -136,7 +141,8 @@ class Trainer:
         if len({tuple(e.context.shape) for e in examples}) > 1:
             raise ValueError("captions of one batch encode to different lengths (over 77 tokens); shorten the long "
                              "captions or use batch_size 1")
-        latent = torch.stack([e.latent for e in examples]).to(device)
+        # The cache holds what the VAE makes; the UNet works on latents in its own scale (process_in, as the sampler).
+        latent = self.base.model.model.process_latent_in(torch.stack([e.latent for e in examples]).to(device))
         context = torch.stack([e.context for e in examples]).to(device)
         token_index, present, placement, references = [], torch.zeros(batch, slots, dtype=torch.bool), [], []
         for slot in range(slots):

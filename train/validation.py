@@ -12,27 +12,35 @@ from .dataset import read_image, square_resize
 
 
 @torch.no_grad()
+def generate_latent(base, adapter, reference: torch.Tensor, word: str, prompt: str, side: int, seed: int,
+                    steps: int, cfg: float = 5.0) -> torch.Tensor:
+    """Sample one latent (1, C, side, side) with the subject in `reference` (1, H, W, 3) bound to `word`:
+    Nested Attention Subject -> Nested Attention Encode -> Apply Nested Attention -> ComfyUI's sampler."""
+    import comfy.sample
+    (subjects,) = NestedAttentionSubject().encode(adapter, base.clip_vision, reference, word, 1.0, 0.0, 1.0)
+    (positive,) = NestedAttentionEncode().encode(base.clip, subjects, prompt)
+    (model,) = ApplyNestedAttention().apply(base.model, positive, 1.0, 0.0, 1.0)
+    empty, empty_pooled = base.clip.encode_from_tokens(base.clip.tokenize(""), return_pooled=True)
+    negative = [[empty, {"pooled_output": empty_pooled}]]
+    latent = torch.zeros(1, base.model.model.latent_format.latent_channels, side, side)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                               seed=seed, disable_pbar=True)
+
+
+@torch.no_grad()
 def render_validation(trainer) -> Path:
     """One row per validation item: the reference, then the generated image; saved as validation/step_N.png."""
-    import comfy.sample
     config, base = trainer.config, trainer.base
     adapter = trainer.inference_adapter()
     was_training = adapter.training
     adapter.eval()
-    empty, empty_pooled = base.clip.encode_from_tokens(base.clip.tokenize(""), return_pooled=True)
-    negative = [[empty, {"pooled_output": empty_pooled}]]
     rows = []
     try:
         for number, item in enumerate(config.validation):
             reference = read_image(Path(config.data) / item["reference"])[None]
-            (subjects,) = NestedAttentionSubject().encode(adapter, base.clip_vision, reference, item["word"], 1.0, 0.0, 1.0)
-            (positive,) = NestedAttentionEncode().encode(base.clip, subjects, item["prompt"])
-            (model,) = ApplyNestedAttention().apply(base.model, positive, 1.0, 0.0, 1.0)
-            side = config.resolution // 8
-            latent = torch.zeros(1, base.model.model.latent_format.latent_channels, side, side)
-            noise = comfy.sample.prepare_noise(latent, config.seed + number)
-            samples = comfy.sample.sample(model, noise, config.validation_steps, 5.0, "euler", "normal", positive,
-                                          negative, latent, seed=config.seed + number, disable_pbar=True)
+            samples = generate_latent(base, adapter, reference, item["word"], item["prompt"], config.resolution // 8,
+                                      config.seed + number, config.validation_steps)
             image = base.vae.decode(samples)[0].float().cpu()
             rows.append(torch.cat([square_resize(reference[0], image.shape[0]), image], dim=1))
     finally:

@@ -83,6 +83,22 @@ def test_a_pickle_named_safetensors_gets_a_clear_error(tmp_path):
         read_state_dict(path)
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_are_read(tmp_path):
+    """The 8-byte header length of a safetensors file can begin with 0x80, the first byte of a raw pickle."""
+    for padding in range(256):
+        path = tmp_path / "model.safetensors"
+        save_file({"weight": torch.arange(3.0)}, path, metadata={"pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert torch.equal(read_state_dict(path)["weight"], torch.arange(3.0))
+    legacy = tmp_path / "legacy.safetensors"
+    legacy.write_bytes(pickle.dumps({"weight": [0.0]}, protocol=2))
+    with pytest.raises(ValueError, match="is a PyTorch pickle, not safetensors"):
+        read_state_dict(legacy)
+
+
 def test_unknown_extensions_and_missing_files(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"\x00")

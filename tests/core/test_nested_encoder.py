@@ -226,7 +226,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         metadata = f.metadata()
     assert metadata["format"] == "nested_attention_adapter" and metadata["base_family"] == "sd15"
     assert json.loads(metadata["clip_vision"]) == {"name": "ViT-L/14", "hidden_width": 1024,
-                                                   "hidden_state": "penultimate"}
+                                                   "hidden_state": "penultimate", "trained_layers": 0}
     assert json.loads(metadata["layers"])[0] == {"key": "input_1_0", "inner_dim": 320, "heads": 8}
     image = torch.randn(1, 257, 1024)
     assert torch.equal(loaded.resampler(image), adapter.resampler(image))
