@@ -26,12 +26,10 @@ attention, its default on NVIDIA GPUs, so the unpatched layers run the kernel a 
 import argparse
 import ctypes
 import gc
-import importlib.machinery
 import statistics
 import sys
 import tempfile
 import time
-import types
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +38,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))  # the tools folder only, never the pack root
-from comfy_headless import PACK_ROOT, HeadlessComfy, comfyui_path_from_env  # noqa: E402
+from comfy_headless import HeadlessComfy, comfyui_path_from_env  # noqa: E402
+from pack_package import register_pack  # noqa: E402
 
-PACKAGE = "subject_personalization"
 SUBJECT_COUNTS = (1, 2, 4)
 NESTED_TOKENS = 16          # M subject tokens per subject
 PROMPT_TOKENS = 77
@@ -68,16 +66,6 @@ UNET_CONFIGS = {
              "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
              "use_temporal_attention": False, "use_temporal_resblock": False},
 }
-
-
-def register_pack() -> None:
-    """Import the pack as `subject_personalization` the way tests/conftest.py does: its root is registered as a
-    package without running its __init__, and is never put on sys.path (ComfyUI has its own top-level `nodes`)."""
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(PACK_ROOT)]
-    package.__spec__ = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
-    package.__spec__.submodule_search_locations = [str(PACK_ROOT)]
-    sys.modules.setdefault(PACKAGE, package)
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (CLIP_VISION_TOKENS, CLIP_VISION_WIDTH, DTYPES, GPU_SIZE, HeadlessComfy,  # noqa: E402
-                                    build_unet, comfyui_path_from_env, markdown_table, peak_memory_mib, register_pack,
-                                    synchronize, time_ms)
+                                    build_unet, comfyui_path_from_env, markdown_table, peak_memory_mib, synchronize,
+                                    time_ms)
+from pack_package import register_pack  # noqa: E402  (bench_nested_attention put tools/ on sys.path)
 
 PROMPT_TOKENS = 77
 SUBJECT_POSITION = 5

@@ -11,17 +11,21 @@ from ..nodes.nested_subject import NestedAttentionSubject
 from .dataset import read_image, square_resize
 
 
+def empty_prompt(clip) -> list:
+    """The unconditional (negative) conditioning: the empty prompt."""
+    empty, empty_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    return [[empty, {"pooled_output": empty_pooled}]]
+
+
 @torch.no_grad()
-def generate_latent(base, adapter, reference: torch.Tensor, word: str, prompt: str, side: int, seed: int,
-                    steps: int, cfg: float = 5.0) -> torch.Tensor:
+def generate_latent(base, adapter, reference: torch.Tensor, word: str, prompt: str, negative: list, side: int,
+                    seed: int, steps: int, cfg: float = 5.0) -> torch.Tensor:
     """Sample one latent (1, C, side, side) with the subject in `reference` (1, H, W, 3) bound to `word`:
     Nested Attention Subject -> Nested Attention Encode -> Apply Nested Attention -> ComfyUI's sampler."""
     import comfy.sample
     (subjects,) = NestedAttentionSubject().encode(adapter, base.clip_vision, reference, word, 1.0, 0.0, 1.0)
     (positive,) = NestedAttentionEncode().encode(base.clip, subjects, prompt)
     (model,) = ApplyNestedAttention().apply(base.model, positive, 1.0, 0.0, 1.0)
-    empty, empty_pooled = base.clip.encode_from_tokens(base.clip.tokenize(""), return_pooled=True)
-    negative = [[empty, {"pooled_output": empty_pooled}]]
     latent = torch.zeros(1, base.model.model.latent_format.latent_channels, side, side)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
@@ -35,12 +39,13 @@ def render_validation(trainer) -> Path:
     adapter = trainer.inference_adapter()
     was_training = adapter.training
     adapter.eval()
+    negative = empty_prompt(base.clip)
     rows = []
     try:
         for number, item in enumerate(config.validation):
             reference = read_image(Path(config.data) / item["reference"])[None]
-            samples = generate_latent(base, adapter, reference, item["word"], item["prompt"], config.resolution // 8,
-                                      config.seed + number, config.validation_steps)
+            samples = generate_latent(base, adapter, reference, item["word"], item["prompt"], negative,
+                                      config.resolution // 8, config.seed + number, config.validation_steps)
             image = base.vae.decode(samples)[0].float().cpu()
             rows.append(torch.cat([square_resize(reference[0], image.shape[0]), image], dim=1))
     finally:

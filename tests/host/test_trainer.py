@@ -82,8 +82,8 @@ def generation_closeness(trainer, folder, indices) -> list[tuple[float, float]]:
     through the inference nodes with the subject's own reference and, from the same noise, another subject's."""
     from subject_personalization.train.dataset import read_image
     from subject_personalization.train.encodings import load_encoded
-    from subject_personalization.train.validation import generate_latent
-    names, adapter = list(SUBJECTS), trainer.inference_adapter().eval()
+    from subject_personalization.train.validation import empty_prompt, generate_latent
+    names, adapter, negative = list(SUBJECTS), trainer.inference_adapter().eval(), empty_prompt(trainer.base.clip)
     references = {name: read_image(folder / "references" / f"{number}_0.png")[None] for number, name in enumerate(names)}
     pairs = []
     for name in names:
@@ -91,7 +91,8 @@ def generation_closeness(trainer, folder, indices) -> list[tuple[float, float]]:
         other = names[(names.index(name) + 1) % len(names)]
         for seed in range(GENERATION_SEEDS):
             own, swapped = (nearest_distance(generate_latent(trainer.base, adapter, references[reference], "toy",
-                                                             "a photo of a toy on a table", 8, seed, 10, cfg=1.0)[0],
+                                                             "a photo of a toy on a table", negative, 8, seed, 10,
+                                                             cfg=1.0)[0],
                                              subject_latents) for reference in (name, other))
             pairs.append((own, swapped))
     adapter.train()
@@ -248,7 +249,7 @@ def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(wor
     from subject_personalization.nodes.nested_subject import vision_hidden_states
     from subject_personalization.train.dataset import read_image
     from subject_personalization.train.trainer import Trainer
-    from subject_personalization.train.validation import generate_latent
+    from subject_personalization.train.validation import empty_prompt, generate_latent
     folder, _, base = world
     photos = torch.stack([read_image(folder / "references" / f"{n}_0.png") for n in range(2)])
     copied = fresh_adapter(base.model, base.clip, "person", "ViT-L/14", "person", 0, base.clip_vision, 2, **SMALL_ENCODER)
@@ -268,7 +269,8 @@ def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(wor
     assert digest(base.clip_vision.model) == frozen, "the base CLIP vision model changed"
     tuned = load_nested_adapter(tmp_path / "checkpoints" / "step_0000004.safetensors")
     assert len(tuned.vision_layers) == 1
-    latent = generate_latent(base, tuned, photos[:1], "toy", "a photo of a toy on a table", 8, 0, 2)
+    latent = generate_latent(base, tuned, photos[:1], "toy", "a photo of a toy on a table", empty_prompt(base.clip),
+                             8, 0, 2)
     assert latent.shape == (1, 4, 8, 8) and torch.isfinite(latent).all()
 
     with pytest.raises(ValueError, match="train_vision_layers changed"):
