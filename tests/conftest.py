@@ -4,9 +4,14 @@ The pack's folder name is whatever the user cloned it as, and ComfyUI has a top-
 called `nodes`, so tests never put the pack root on sys.path. Instead the root is registered
 as a package without running its `__init__` (which needs ComfyUI); subpackages then import
 normally: `from subject_personalization.attention import ...`.
+
+With SUBJECT_PERSONALIZATION_REQUIRE_HOST set (CI sets it), any skipped host-tier test fails the run.
 """
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from pack_package import register_pack  # noqa: E402
@@ -14,3 +19,28 @@ from pack_package import register_pack  # noqa: E402
 register_pack()
 # Independent reference implementations used by the tests live in tests/reference/.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostenv import REQUIRE_HOST  # noqa: E402
+
+_host_skips: list[str] = []
+
+
+def _note_host_skip(report) -> None:
+    if report.skipped and report.nodeid.startswith("host/"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _host_skips.append(f"{report.nodeid}: {reason}")
+
+
+pytest_collectreport = _note_host_skip
+pytest_runtest_logreport = _note_host_skip
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _host_skips and os.environ.get(REQUIRE_HOST):
+        terminalreporter.section(f"{REQUIRE_HOST} is set: skipped host tests fail the run", red=True)
+        for line in _host_skips:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _host_skips and os.environ.get(REQUIRE_HOST):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,15 +1,26 @@
-"""Run ComfyUI in-process, headless: boot it, load this pack, turn graph-editor workflows into prompts, execute.
+"""Run ComfyUI headless the way its own `main.py` runs it, with this pack among its custom nodes.
 
-Used by the host-tier tests and by `tools/run_workflow.py`. Needs a ComfyUI checkout (COMFYUI_PATH).
+Used by the main job (`tools/run_workflow.py`), the host-tier tests, the trainer and the benchmarks. ComfyUI's
+`main.py` is imported as a module and its `start_comfyui()` called: argument parsing, paths, prestartup scripts,
+node loading (the pack from `custom_nodes/`, as a user's install loads it), database and prompt worker are the
+host's own code in whichever version COMFYUI_PATH holds. Prompts go through its HTTP API on a loopback port
+(`/prompt`, then `/history`), as the graph editor sends them, so a change in the host breaks here, in CI, first.
 """
-import asyncio
+import importlib.util
 import json
 import os
+import socket
 import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_NODE = "FastComposerLoader"  # any node of the pack: its presence shows ComfyUI imported the pack
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 
@@ -17,31 +28,87 @@ MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 class HeadlessComfy:
     """A booted ComfyUI with this pack loaded; base_directory (default: the checkout) holds models/, input/, output/.
 
-    Boot it once per process: ComfyUI reads its command line and registers nodes at import time.
+    Boot it once per process: ComfyUI reads its command line and registers nodes at import time. The HTTP server
+    starts on the first `execute` (loading models for the trainer needs none).
     """
 
     def __init__(self, comfyui_path: str | Path, base_directory: str | Path | None = None, extra_args: tuple[str, ...] = (),
                  cpu: bool = True):
         self.comfyui_path = Path(comfyui_path).resolve()
+        if not (self.comfyui_path / "main.py").is_file():
+            raise FileNotFoundError(f"{self.comfyui_path} holds no ComfyUI (no main.py); set COMFYUI_PATH to a ComfyUI "
+                                    f"checkout, e.g. one made by tools/setup_comfyui.sh")
         self.base_directory = Path(base_directory or comfyui_path).resolve()
-        sys.path.insert(0, str(self.comfyui_path))
+        for name in ("input", "output", "models", "custom_nodes", "user"):
+            (self.base_directory / name).mkdir(parents=True, exist_ok=True)
+        self.port = _free_loopback_port()
+        custom_nodes = self._custom_nodes_with_the_pack()
         device_args = ["--cpu"] if cpu else []  # --cpu is needed on a machine without an NVIDIA driver
-        sys.argv = [str(self.comfyui_path / "main.py"), *device_args, "--base-directory", str(self.base_directory), *extra_args]
+        # The database beside the base's user folder: ComfyUI's own default for a checkout, inside a scratch base.
+        database = f"sqlite:///{self.base_directory / 'user' / 'comfyui.db'}"
+        sys.argv = [str(self.comfyui_path / "main.py"), *device_args, "--base-directory", str(self.base_directory),
+                    "--listen", "127.0.0.1", "--port", str(self.port), "--database-url", database, *extra_args]
+        sys.path.insert(0, str(self.comfyui_path))
         import comfy.options
         comfy.options.enable_args_parsing()
-        import utils.extra_config  # noqa: F401  ComfyUI's own `utils` must be imported before `nodes`
-        import execution
         import folder_paths
+        if custom_nodes is not None:
+            folder_paths.add_model_folder_path("custom_nodes", str(custom_nodes))
+        main = _import_file("comfyui_main", self.comfyui_path / "main.py")
+        self.loop, self.server, self._start_server = main.start_comfyui()
+        # main.py's progress hook reads the last prompt's id, which only its prompt worker sets; nodes called
+        # directly (the trainer, the tests) report progress before any prompt ran.
+        self.server.last_prompt_id = None
         import nodes
-        self.execution, self.folder_paths, self.nodes = execution, folder_paths, nodes
-        for name in ("input", "output", "models"):
-            (self.base_directory / name).mkdir(parents=True, exist_ok=True)
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        self.server = _RecordingServer()
-        # One executor for the session: like a running ComfyUI, it re-runs only nodes whose inputs changed.
-        self.executor = execution.PromptExecutor(self.server)
-        if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
-            raise RuntimeError(f"ComfyUI failed to import the pack at {PACK_ROOT}; see the log above")
+        self.folder_paths, self.nodes = folder_paths, nodes
+        if PACK_NODE not in nodes.NODE_CLASS_MAPPINGS:
+            raise RuntimeError(f"ComfyUI failed to import the pack at {PACK_ROOT}: see 'IMPORT FAILED' in the log above")
+        self.client_id = uuid.uuid4().hex
+        self._serving = False
+
+    def _custom_nodes_with_the_pack(self) -> Path | None:
+        """Link the pack into base/custom_nodes when that is a scratch base; a folder to add when the user's lacks it."""
+        folder = self.base_directory / "custom_nodes"
+        if any(entry.resolve() == PACK_ROOT for entry in folder.iterdir()):
+            return None
+        if self.base_directory != self.comfyui_path:
+            (folder / PACK_ROOT.name).symlink_to(PACK_ROOT, target_is_directory=True)
+            return None
+        extra = Path(tempfile.mkdtemp(prefix="subject_personalization_nodes_"))
+        (extra / PACK_ROOT.name).symlink_to(PACK_ROOT, target_is_directory=True)
+        return extra
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        """Start ComfyUI's HTTP server on its own event loop thread, as main.py starts it, and wait until it answers."""
+        if self._serving:
+            return
+        threading.Thread(target=self.loop.run_until_complete, args=(self._start_server(),), daemon=True,
+                         name="comfyui-server").start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI's server did not answer on {self.url} within 120 s")
+                time.sleep(0.1)
+        self._serving = True
+
+    def get(self, route: str) -> dict:
+        with urllib.request.urlopen(self.url + route, timeout=60) as reply:
+            return json.loads(reply.read())
+
+    def post(self, route: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(self.url + route, data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            content = reply.read()
+        return json.loads(content) if content else {}
 
     def use_scratch_directories(self, scratch: Path, model_folders: tuple[str, ...]) -> None:
         """Send inputs, outputs and the named model folders to scratch, leaving the user's folders untouched."""
@@ -92,17 +159,35 @@ class HeadlessComfy:
             prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
         return prompt
 
-    def execute(self, prompt: dict) -> dict:
-        """Validate and run an API-format prompt; returns the history outputs, raises with ComfyUI's messages on failure."""
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, prompt, None))
-        if not valid:
-            raise RuntimeError(f"ComfyUI rejected the prompt: {error} {json.dumps(node_errors, default=str)[:2000]}")
-        self.executor.execute(prompt, prompt_id, {"client_id": self.server.client_id}, outputs)
-        events = [event for event, _ in self.executor.status_messages]
-        if "execution_success" not in events:  # `success` alone can stay true after some graph errors
-            raise RuntimeError(f"ComfyUI execution failed: {json.dumps(self.executor.status_messages, default=str)[-3000:]}")
-        return self.executor.history_result["outputs"]
+    def queue(self, prompt: dict) -> str:
+        """Send an API-format prompt to /prompt; its id. Raises with ComfyUI's validation errors when it is refused."""
+        self._serve()
+        try:
+            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+        except urllib.error.HTTPError as error:
+            refusal = json.loads(error.read() or b"{}")
+            raise RuntimeError(f"ComfyUI rejected the prompt: {refusal.get('error')} "
+                               f"{json.dumps(refusal.get('node_errors'), default=str)[:2000]}") from None
+
+    def wait(self, prompt_id: str, timeout: float | None = None) -> dict:
+        """The prompt's history entry once it has run (outputs, status with ComfyUI's messages)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None:
+                return entry
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+            time.sleep(0.02)
+
+    def execute(self, prompt: dict, timeout: float | None = None) -> dict:
+        """Queue a prompt, wait for it; the history outputs. Raises with ComfyUI's messages when it did not succeed."""
+        status = (entry := self.wait(self.queue(prompt), timeout))["status"]
+        events = {event: data for event, data in status["messages"]}
+        if status["status_str"] != "success" or "execution_success" not in events:
+            error = events.get("execution_error") or events.get("execution_interrupted") or status
+            raise RuntimeError(f"ComfyUI execution failed: {json.dumps(error, default=str)[-3000:]}")
+        return entry["outputs"]
 
     def output_images(self, outputs: dict) -> list[Path]:
         """Paths of the images SaveImage / PreviewImage nodes wrote."""
@@ -114,18 +199,19 @@ class HeadlessComfy:
         return paths
 
 
-class _RecordingServer:
-    """The parts of ComfyUI's PromptServer the executor talks to."""
+def _import_file(module_name: str, path: Path):
+    """Execute a source file as a module of that name (not __main__: main.py then skips its own start)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self):
-        self.client_id = "headless"
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
-        self.messages = []
 
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def comfyui_path_from_env() -> str | None:

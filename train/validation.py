@@ -18,12 +18,17 @@ def empty_prompt(clip) -> list:
 
 
 @torch.no_grad()
-def generate_latent(base, adapter, reference: torch.Tensor, word: str, prompt: str, negative: list, side: int,
-                    seed: int, steps: int, cfg: float = 5.0) -> torch.Tensor:
-    """Sample one latent (1, C, side, side) with the subject in `reference` (1, H, W, 3) bound to `word`:
-    Nested Attention Subject -> Nested Attention Encode -> Apply Nested Attention -> ComfyUI's sampler."""
+def reference_subjects(adapter, clip_vision, reference: torch.Tensor, word: str) -> list:
+    """A SUBJECTS list holding the subject in `reference` (1, H, W, 3) bound to `word`: Nested Attention Subject."""
+    return NestedAttentionSubject().encode(adapter, clip_vision, reference, word, 1.0, 0.0, 1.0)[0]
+
+
+@torch.no_grad()
+def generate_latent(base, subjects: list, prompt: str, negative: list, side: int, seed: int, steps: int,
+                    cfg: float = 5.0) -> torch.Tensor:
+    """Sample one latent (1, C, side, side) with these subjects:
+    Nested Attention Encode -> Apply Nested Attention -> ComfyUI's sampler."""
     import comfy.sample
-    (subjects,) = NestedAttentionSubject().encode(adapter, base.clip_vision, reference, word, 1.0, 0.0, 1.0)
     (positive,) = NestedAttentionEncode().encode(base.clip, subjects, prompt)
     (model,) = ApplyNestedAttention().apply(base.model, positive, 1.0, 0.0, 1.0)
     latent = torch.zeros(1, base.model.model.latent_format.latent_channels, side, side)
@@ -44,8 +49,9 @@ def render_validation(trainer) -> Path:
     try:
         for number, item in enumerate(config.validation):
             reference = read_image(Path(config.data) / item["reference"])[None]
-            samples = generate_latent(base, adapter, reference, item["word"], item["prompt"], negative,
-                                      config.resolution // 8, config.seed + number, config.validation_steps)
+            subjects = reference_subjects(adapter, base.clip_vision, reference, item["word"])
+            samples = generate_latent(base, subjects, item["prompt"], negative, config.resolution // 8,
+                                      config.seed + number, config.validation_steps)
             image = base.vae.decode(samples)[0].float().cpu()
             rows.append(torch.cat([square_resize(reference[0], image.shape[0]), image], dim=1))
     finally:
