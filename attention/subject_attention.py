@@ -13,11 +13,16 @@ gives both that sum and every a_q,s_i (the indicator channels; q and k get zero 
 match). One SDPA call per subject over its M tokens, on the batch rows that carry subjects,
 gives v*_i. No N x T matrix is built outside the attention kernel.
 
+Subjects that change nothing (strength 0 or recording only, no mask) give plain attention bit for bit: the
+scale is SDPA's default for d, and when probabilities are asked for, the output is plain attention's own call,
+since the zero channels change the sizes of the kernel's GEMMs and with them the order in which they sum.
+
 token_index values are read on the host (validation, row selection): keep it on the CPU, where
 that costs no device sync; it is moved to q's device without blocking.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -196,11 +201,15 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
     if bias is not None:
         bias = bias.unsqueeze(1).expand(batch, 1, queries, context)
 
+    # SDPA's default scale for the unpadded d, computed as torch does (1.0 / sqrt(d) in double; d ** -0.5 may differ)
+    default_scale = 1.0 / math.sqrt(head_dim)
     out = F.scaled_dot_product_attention(queries_h.transpose(1, 2), keys_h.transpose(1, 2), values_h.transpose(1, 2),
-                                         attn_mask=bias, scale=head_dim ** -0.5).transpose(1, 2)  # (B, N, H, .)
+                                         attn_mask=bias, scale=default_scale).transpose(1, 2)  # (B, N, H, .)
     if not need_probs:
         return out.flatten(2)
     probs, out = out[..., head_dim:head_dim + len(subjects)], out[..., :head_dim]  # (B, N, H, S), (B, N, H, d)
+    if scale is None and bias is None:  # recording only: plain attention's own call; the padded one may differ in a bit
+        return plain_attention(q, k, v, heads), probs.mean(dim=2).transpose(1, 2)
     span = _replaced_rows(subjects)  # nested values only where some a_q,s_i can be nonzero (not uncond rows)
     blended = out[span]
     for i, subject in enumerate(subjects):

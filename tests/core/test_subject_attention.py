@@ -119,6 +119,19 @@ def test_strength_zero_is_exactly_plain_attention(nested):
     assert torch.equal(subject_attention(q, k, v, 8, subjects), plain_attention(q, k, v, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [3, 5, 7, 10, 24, 40, 64, 80, 100, 160])
+@pytest.mark.parametrize("queries", [1, 300])
+@pytest.mark.parametrize("nested, return_probs", [("none", True), ("shared", False), ("per_row", True)])
+def test_subjects_that_change_nothing_are_plain_attention_bit_for_bit(dtype, head_dim, queries, nested, return_probs):
+    """Recording only (no nested values) or strength 0: every bit of plain attention, whatever the dtype and d."""
+    q, k, v, generator = make_layer(head_dim + queries, 3, queries, 77, 2, head_dim, dtype)
+    subjects = make_subjects(generator, 3, queries, 77, 2 * head_dim, 2, carried_rows=[0, 2], nested=nested,
+                             strengths=(0.0,))
+    result = subject_attention(q, k, v, 2, subjects, return_subject_probs=return_probs)
+    assert torch.equal(result[0] if return_probs else result, plain_attention(q, k, v, 2))
+
+
 @pytest.mark.parametrize("return_probs", [False, True])
 def test_rows_without_subjects_equal_plain_attention(return_probs):
     q, k, v, generator = make_layer(2, 4, 300, 154, 5, 64)

@@ -1,7 +1,7 @@
 """FastComposer's parts run by independent implementations (transformers, diffusers, torchvision),
 from the official checkpoint's own key layout, the way the reference code runs them."""
 import torch
-import torchvision.transforms.v2.functional as TF
+import torchvision.transforms.functional as TF  # v1, as the official code: v2's uint8 resize gives other bytes
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -72,7 +72,8 @@ def vision_encoder(state_dict, dtype=torch.float64):
 
 
 def preprocess(image_uint8_chw):
-    """PadToSquare(fill=0) and Resize(224, bilinear, antialias) on uint8, then /255 and CLIP normalisation."""
+    """PadToSquare(fill=0) and torchvision v1's Resize((224, 224), bilinear, antialias) on uint8, then /255 and CLIP
+    normalisation."""
     _, height, width = image_uint8_chw.shape
     pad = abs(height - width) // 2
     padding = [pad, 0, pad, 0] if height > width else [0, pad, 0, pad]
