@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 from .checkpoint_io import read_state_dict
 
+FASTCOMPOSER_FIX = ("download pytorch_model.bin again from the Hugging Face repository mit-han-lab/fastcomposer into "
+                    "models/fastcomposer (a .safetensors copy is made with python -m encoders.fastcomposer_checkpoint)")
 PREFIXES = {
     "unet": "unet.",
     "text_encoder": "text_encoder.",
@@ -63,7 +65,7 @@ def check_fastcomposer(state_dict: dict[str, torch.Tensor], name: str = "this fi
             problems.append(f"{key} has shape {tuple(state_dict[key].shape)}, expected {shape}")
     if problems:
         raise ValueError(f"{name} is not a FastComposer checkpoint (SD1.5 + CLIP ViT-L/14 + postfuse module): "
-                         f"{'; '.join(problems[:3])}. Found {describe_state_dict(state_dict)}.")
+                         f"{'; '.join(problems[:3])}. Found {describe_state_dict(state_dict)}; {FASTCOMPOSER_FIX}")
 
 
 def split_fastcomposer(state_dict: dict[str, torch.Tensor], name: str = "this file") -> FastComposerParts:
@@ -88,7 +90,7 @@ def convert_to_safetensors(source: str | Path, destination: str | Path) -> Path:
     source, destination = Path(source), Path(destination)
     if destination.suffix != ".safetensors":
         raise ValueError(f"the destination must end in .safetensors, got {destination.name}")
-    state_dict = read_state_dict(source)
+    state_dict = read_state_dict(source, FASTCOMPOSER_FIX)
     check_fastcomposer(state_dict, source.name)
     save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, destination,
               metadata={"format": "fastcomposer", "converted_from": source.name})

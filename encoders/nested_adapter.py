@@ -13,18 +13,18 @@ File format: safetensors. Tensors are the `NestedAdapter` state dict (`resampler
   provenance                 free dict: dataset, steps, base checkpoint hash, ...
 """
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_io import looks_like_pickle
+from .checkpoint_io import UnreadableFile, read_safetensors, read_safetensors_header, shape_differences
 from .nested_projections import NestedProjections
 from .subject_resampler import ResamplerConfig, SubjectResampler
 from .unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, check_family, cross_attention_layers
-from .vision_layers import VisionLayer, run_vision_layers
+from .vision_layers import VisionLayer, run_vision_layers, stored_vision_layers
 
 FORMAT_NAME = "nested_attention_adapter"
 FORMAT_VERSION = "1"
@@ -33,6 +33,10 @@ VISION_HIDDEN_STATES = ("penultimate", "last")  # ComfyUI's penultimate_hidden_s
 TEXT_ENCODER_WIDTHS = {"sd15": {"l": 768}, "sdxl": {"l": 768, "g": 1280}}
 # The resampler's internal width per family when the trainer does not override it.
 DEFAULT_ENCODER = {"sd15": {"width": 768, "heads": 12}, "sdxl": {"width": 1280, "heads": 20}}
+ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")  # an adapter's tensors become parameters: floating point only
+ADAPTER_FIX = (f"copy or download the adapter again, or make one with the trainer (python -m train); an adapter is a "
+               f".safetensors file with '{FORMAT_NAME}' metadata (the official demo checkpoint is converted with "
+               f"encoders/official_nested_import.py)")
 
 
 class NestedAdapter(nn.Module):
@@ -102,53 +106,133 @@ def save_nested_adapter(path: str | Path, adapter: NestedAdapter) -> None:
     save_file(tensors, str(path), metadata=adapter.metadata())
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if looks_like_pickle(path):
-        raise ValueError(f"{path.name} is a PyTorch pickle; a nested attention adapter is read only from a "
-                         f".safetensors file with '{FORMAT_NAME}' metadata (pickles can run code when loaded)")
+def _field(metadata: dict[str, str], name: str, *kinds: type):
+    """A metadata field parsed as JSON (safetensors metadata values are strings), of one of the given types."""
+    if name not in metadata:
+        raise ValueError(f"its metadata has no '{name}' field")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{path.name} is not a safetensors file ({error}); expected a nested attention "
-                         f"adapter (.safetensors with '{FORMAT_NAME}' metadata)") from error
+        value = json.loads(metadata[name])
+    except json.JSONDecodeError:
+        raise ValueError(f"metadata field '{name}' is not valid JSON: {metadata[name][:80]!r}") from None
+    if type(value) not in kinds:
+        raise ValueError(f"metadata field '{name}' should be a {' or '.join(kind.__name__ for kind in kinds)}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def _text(metadata: dict[str, str], name: str) -> str:
+    if name not in metadata:
+        raise ValueError(f"its metadata has no '{name}' field")
+    return metadata[name]
+
+
+def _positive(entry: dict, name: str, where: str) -> int:
+    value = entry.get(name)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _layer_table(metadata: dict[str, str], base_family: str, shapes: dict[str, tuple[int, ...]]) -> list[CrossAttentionLayer]:
+    """The `layers` field, each entry an attn2 layer of the family with its projection tensors, and every projection
+    tensor's layer listed."""
+    family = {layer.key: layer for layer in cross_attention_layers(base_family)}
+    layers = []
+    for number, entry in enumerate(_field(metadata, "layers", list)):
+        where = f"layers[{number}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise ValueError(f"{where} should be an object with a string 'key', got {str(entry)[:60]}")
+        if entry["key"] not in family:
+            raise ValueError(f"{where}: {entry['key']!r} is not an attn2 layer of the {base_family} UNet")
+        inner_dim, heads = _positive(entry, "inner_dim", where), _positive(entry, "heads", where)
+        if inner_dim % heads:
+            raise ValueError(f"{where}: inner_dim {inner_dim} is not divisible by heads {heads}")
+        layers.append(CrossAttentionLayer(entry["key"], family[entry["key"]].block, inner_dim, heads))
+    listed = [layer.key for layer in layers]
+    stored = {key.split(".")[2] for key in shapes if key.startswith("projections.maps.")}
+    without_tensors, unlisted = [key for key in listed if key not in stored], sorted(stored - set(listed))
+    if without_tensors:
+        raise ValueError(f"layers lists {', '.join(without_tensors)} but the file has no projection tensors for it")
+    if unlisted:
+        raise ValueError(f"the file has projection tensors for {', '.join(unlisted)}, which layers does not list")
+    if listed != list(family):
+        raise ValueError(f"layers lists {len(listed)} layers, not the {len(family)} attn2 layers of the {base_family} "
+                         f"UNet in order")
+    return layers
+
+
+def _checked_encoder(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> ResamplerConfig:
+    """The resampler config its tensors give; every size the `encoder` field states must agree with it."""
+    stated = _field(metadata, "encoder", dict)
+    unknown = sorted(set(stated) - {field.name for field in fields(ResamplerConfig)})
+    if unknown:
+        raise ValueError(f"encoder.{unknown[0]} is not a resampler setting")
+    derived = ResamplerConfig.from_shapes(
+        shapes, heads=stated.get("heads", ResamplerConfig.heads),
+        norm_after_projection=stated.get("norm_after_projection", ResamplerConfig.norm_after_projection),
+        prefix="resampler.")
+    for name, value in derived.to_dict().items():
+        if name in stated and (type(stated[name]) is not type(value) or stated[name] != value):
+            raise ValueError(f"encoder.{name} is {stated[name]!r} in its metadata, but its tensors give {value!r}")
+    return derived
+
+
+def _adapter_from(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], name: str) -> NestedAdapter:
+    """The adapter the metadata describes, built on the meta device once every size in the metadata is found to agree
+    with the tensors present (so nothing is built for a size only the metadata claims); raises ValueError naming the
+    field or tensor."""
+    base_family = _text(metadata, "base_family")
+    check_family(base_family)
+    if metadata.get("context_width", str(CONTEXT_WIDTH[base_family])) != str(CONTEXT_WIDTH[base_family]):
+        raise ValueError(f"context_width is {metadata['context_width']!r}, but a {base_family} context is "
+                         f"{CONTEXT_WIDTH[base_family]} wide")
+    layers = _layer_table(metadata, base_family, shapes)
+    encoder = _checked_encoder(metadata, shapes)
+    clip_vision = _field(metadata, "clip_vision", dict)
+    if clip_vision.get("hidden_state") not in VISION_HIDDEN_STATES:
+        raise ValueError(f"clip_vision.hidden_state must be one of {VISION_HIDDEN_STATES}, "
+                         f"got {clip_vision.get('hidden_state')!r}")
+    if clip_vision.get("hidden_width", encoder.vision_width) != encoder.vision_width:
+        raise ValueError(f"clip_vision.hidden_width is {clip_vision['hidden_width']!r} in its metadata, but its "
+                         f"tensors read {encoder.vision_width}-wide CLIP vision tokens")
+    vision_layers = stored_vision_layers(shapes, "vision_layers.", encoder.vision_width)
+    if clip_vision.get("trained_layers", 0) != vision_layers:
+        raise ValueError(f"clip_vision.trained_layers is {clip_vision['trained_layers']!r} in its metadata, but the "
+                         f"file holds {vision_layers} vision layers")
+    with torch.device("meta"):  # no allocation or random init: every tensor comes from the file
+        adapter = NestedAdapter(
+            base_family, encoder, _text(metadata, "subject_domain"), _text(metadata, "initializer_word"),
+            _text(metadata, "placeholder_word"), float(_field(metadata, "special_token_weight", float, int)),
+            _field(metadata, "provenance", dict), clip_vision["hidden_state"], name=name, layers=layers,
+            vision_layers=vision_layers)
+    problems = shape_differences({key: tuple(value.shape) for key, value in adapter.state_dict().items()}, shapes)
+    if problems:
+        raise ValueError(f"its tensors do not match its metadata: {'; '.join(problems)}")
+    return adapter
 
 
 def load_nested_adapter(path: str | Path) -> NestedAdapter:
+    """An adapter file, refused (UnreadableFile) unless its header, metadata and tensors all agree."""
     path = Path(path)
-    metadata, tensors = _read(path)
+    header = read_safetensors_header(path, ADAPTER_FIX)
+    metadata = header.metadata
     if metadata.get("format") != FORMAT_NAME:
         found = f"format {metadata['format']!r}" if "format" in metadata else \
-            f"metadata keys {sorted(metadata) or 'none'} and {len(tensors)} tensors"
-        raise ValueError(f"{path.name} is not a nested attention adapter: found {found}, expected format "
-                         f"'{FORMAT_NAME}' (the official demo checkpoint must be converted first: "
-                         f"encoders/official_nested_import.py)")
+            f"metadata keys {sorted(metadata) or 'none'} and {len(header.shapes)} tensors"
+        raise UnreadableFile(path, f"it is not a nested attention adapter: found {found}, expected format "
+                                   f"'{FORMAT_NAME}'", ADAPTER_FIX)
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path.name} has {FORMAT_NAME} version {metadata.get('format_version')!r}; "
-                         f"this pack reads version {FORMAT_VERSION}")
-    blocks = {layer.key: layer.block for layer in cross_attention_layers(metadata["base_family"])}
+        raise UnreadableFile(path, f"it has {FORMAT_NAME} version {metadata.get('format_version')!r}; this pack reads "
+                                   f"version {FORMAT_VERSION}", ADAPTER_FIX)
+    non_float = sorted(key for key, dtype in header.dtypes.items() if dtype not in ADAPTER_DTYPES)
+    if non_float:
+        raise UnreadableFile(path, f"tensor {non_float[0]} is {header.dtypes[non_float[0]]}, an adapter holds only "
+                                   f"floating-point tensors", ADAPTER_FIX)
     try:
-        layers = [CrossAttentionLayer(entry["key"], blocks[entry["key"]], entry["inner_dim"], entry["heads"])
-                  for entry in json.loads(metadata["layers"])]
-    except KeyError as error:
-        raise ValueError(f"{path.name}: layer {error} is not an attn2 layer of the {metadata['base_family']} UNet") from None
-    clip_vision = json.loads(metadata["clip_vision"])
-    with torch.device("meta"):  # no allocation or random init: every tensor comes from the file
-        try:
-            adapter = NestedAdapter(
-                metadata["base_family"], ResamplerConfig.from_dict(json.loads(metadata["encoder"])),
-                metadata["subject_domain"], metadata["initializer_word"], metadata["placeholder_word"],
-                float(metadata["special_token_weight"]), json.loads(metadata["provenance"]),
-                clip_vision["hidden_state"], name=path.stem, layers=layers,
-                vision_layers=clip_vision.get("trained_layers", 0))
-        except ValueError as error:
-            raise ValueError(f"{path.name}: {error}") from None
-    try:
-        adapter.load_state_dict(tensors, assign=True)  # assign: keep the stored tensors (and dtype) as they are
-    except RuntimeError as error:
-        raise ValueError(f"{path.name}: its tensors do not match its own metadata ({error})") from error
+        adapter = _adapter_from(metadata, header.shapes, path.stem)
+    except ValueError as error:  # the one place an adapter's structural problems get the file's name and the fix
+        raise UnreadableFile(path, str(error), ADAPTER_FIX) from None
+    adapter.load_state_dict(read_safetensors(path, ADAPTER_FIX)[1], assign=True)  # assign: keep the stored dtypes
     return adapter
 
 

@@ -17,14 +17,18 @@ Assumed layout, after the IP-Adapter-Plus resampler the file name suggests:
 Any key outside these patterns is refused with the list of unknown keys, so a wrong assumption fails loudly.
 """
 import re
+from pathlib import Path
 
 import torch
 
+from .checkpoint_io import UnreadableFile, read_state_dict, shape_differences
 from .nested_adapter import NestedAdapter
 from .subject_resampler import ResamplerConfig
 from .unet_layers import from_diffusers_name, layer_key
 
 ASSUMED_HEAD_SIZE = 64
+IMPORT_FIX = ("give the official demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder), copied or downloaded "
+              "again if it was damaged")
 _PROJECTION = re.compile(r"^(?:.*?\.)?((?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
                          r"\.attn2)(?:\.processor)?\.to_([kv])_(?:nest|nested|ip)\.weight$")
 _RESAMPLER = {  # official name (after the prefix) -> ours (under `resampler.`); <i> is the block index
@@ -66,33 +70,37 @@ def _rename(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 def import_official_nested(state_dict: dict[str, torch.Tensor], initializer_word: str,
                            initializer_embeddings: dict[str, torch.Tensor], subject_domain: str = "person",
                            placeholder_word: str = "<person>", special_token_weight: float = 1.0) -> NestedAdapter:
-    """Build a NestedAdapter (sdxl) from the official checkpoint's tensors, under the layout assumed above.
+    """Build a NestedAdapter (sdxl) from the official checkpoint's tensors, under the layout assumed above; every size
+    is read from the tensors (depth from the blocks present) and every tensor's shape is checked before loading.
     `initializer_embeddings`: the initializer word's input embedding in the "l" (768) and "g" (1280) text encoders
     (the demo copies it into the new token at load time, so the checkpoint is not expected to hold it)."""
     renamed, unknown = _rename(state_dict)
     if unknown:
         raise ValueError(f"{len(unknown)} keys do not fit the assumed official layout (see "
                          f"encoders/official_nested_import.py): {', '.join(sorted(unknown)[:12])}")
-    queries, proj_in, proj_out = (renamed.get(f"resampler.{name}") for name in ("queries", "proj_in.weight",
-                                                                                 "proj_out.weight"))
-    if queries is None or proj_in is None or proj_out is None or "resampler.blocks.0.1.1.weight" not in renamed:
-        raise ValueError("official checkpoint lacks resampler tensors (latents, proj_in, proj_out, layers.0)")
-    width = queries.shape[2]
-    encoder = ResamplerConfig(
-        vision_width=proj_in.shape[1], num_queries=queries.shape[1], width=width, heads=width // ASSUMED_HEAD_SIZE,
-        depth=len({key.split(".")[2] for key in renamed if key.startswith("resampler.blocks.")}),
-        output_width=proj_out.shape[0], ff_mult=renamed["resampler.blocks.0.1.1.weight"].shape[0] // width,
-        norm_after_projection=True)
+    shapes = {key: tuple(tensor.shape) for key, tensor in renamed.items()}
+    width = shapes["resampler.queries"][-1] if shapes["resampler.queries"] else 0  # a scalar is refused by from_shapes
+    encoder = ResamplerConfig.from_shapes(shapes, heads=max(width // ASSUMED_HEAD_SIZE, 1), norm_after_projection=True,
+                                          prefix="resampler.")
     with torch.device("meta"):  # no allocation: every tensor is taken from the checkpoint
         adapter = NestedAdapter("sdxl", encoder, subject_domain, initializer_word, placeholder_word,
                                 special_token_weight,
                                 {"source": "orpatashnik/NestedAttentionEncoder, imported under an assumed layout"})
     renamed["resampler.base_token"] = torch.zeros(encoder.output_width)  # the official output has no base token
     renamed.update({f"placeholder_embeddings.{name}": tensor.reshape(-1) for name, tensor in initializer_embeddings.items()})
-    expected = set(adapter.state_dict())
-    missing, unexpected = sorted(expected - set(renamed)), sorted(set(renamed) - expected)
-    if missing or unexpected:
-        raise ValueError(f"official checkpoint does not fill this format: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+    problems = shape_differences({key: tuple(value.shape) for key, value in adapter.state_dict().items()},
+                                 {key: tuple(tensor.shape) for key, tensor in renamed.items()})
+    if problems:
+        raise ValueError(f"official checkpoint does not fill this format: {'; '.join(problems)}")
     adapter.load_state_dict(renamed, assign=True)
     return adapter
+
+
+def import_official_nested_file(path: str | Path, initializer_word: str, initializer_embeddings: dict[str, torch.Tensor],
+                                **options) -> NestedAdapter:
+    """`import_official_nested` on a file (safetensors, or a weights-only pickle), refused with the file's name."""
+    state_dict = read_state_dict(path, IMPORT_FIX)
+    try:
+        return import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
+    except ValueError as error:  # the one place the import's structural problems get the file's name and the fix
+        raise UnreadableFile(path, str(error), IMPORT_FIX) from None

@@ -9,13 +9,21 @@ starts at `base_token` (the trainer sets it to the initializer word's context ve
 An optional identity branch maps an ArcFace embedding (B, 512) to extra tokens appended to the output.
 """
 from dataclasses import asdict, dataclass, fields
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checkpoint_io import numbered_children
+
 MAX_QUERIES = 256
+_SIZES = ("vision_width", "num_queries", "depth", "width", "heads", "output_width", "ff_mult")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -32,6 +40,15 @@ class ResamplerConfig:
     norm_after_projection: bool = False  # True: out = base + LN(proj_out(q)), the IP-Adapter-Plus order (imports)
 
     def __post_init__(self) -> None:
+        for name in _SIZES:
+            if not (_is_integer(getattr(self, name)) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (_is_integer(self.identity_tokens) and self.identity_tokens >= 0):
+            raise ValueError(f"identity_tokens must be an integer >= 0, got {self.identity_tokens!r}")
+        if not (self.identity_width is None or _is_integer(self.identity_width) and self.identity_width >= 1):
+            raise ValueError(f"identity_width must be a positive integer or None, got {self.identity_width!r}")
+        if not isinstance(self.norm_after_projection, bool):
+            raise ValueError(f"norm_after_projection must be true or false, got {self.norm_after_projection!r}")
         if not 1 <= self.num_queries <= MAX_QUERIES:
             raise ValueError(f"num_queries must be in 1..{MAX_QUERIES}, got {self.num_queries}")
         if self.width % self.heads:
@@ -49,6 +66,29 @@ class ResamplerConfig:
         if unknown:
             raise ValueError(f"unknown resampler config fields: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], heads: int, norm_after_projection: bool = False,
+                    prefix: str = "") -> "ResamplerConfig":
+        """The config of the SubjectResampler whose state-dict shapes are those under `prefix`: every size is read from
+        a weight, depth is the number of complete blocks present; heads and the norm order do not show in shapes.
+        Raises ValueError naming a missing or misshapen tensor."""
+        def shape(key: str, ndim: int) -> tuple[int, ...]:
+            if prefix + key not in shapes or len(shapes[prefix + key]) != ndim:
+                raise ValueError(f"tensor {prefix}{key} is missing or not {ndim}-dimensional")
+            return tuple(shapes[prefix + key])
+
+        _, num_queries, width = shape("queries", 3)
+        output_width = shape("proj_out.weight", 2)[0]
+        identity = prefix + "identity.1.weight" in shapes
+        sizes = dict(vision_width=shape("proj_in.weight", 2)[1], num_queries=num_queries, width=width, heads=heads,
+                     output_width=output_width, ff_mult=shape("blocks.0.1.1.weight", 2)[0] // max(width, 1),
+                     identity_width=shape("identity.1.weight", 2)[1] if identity else None,
+                     identity_tokens=shape("identity.3.weight", 2)[0] // max(output_width, 1) if identity else 0,
+                     norm_after_projection=norm_after_projection)
+        with torch.device("meta"):  # shapes only
+            block = {key: tuple(value.shape) for key, value in resampler_block(cls(depth=1, **sizes)).state_dict().items()}
+        return cls(depth=numbered_children(shapes, prefix + "blocks.", block), **sizes)
 
 
 class FeedForward(nn.Sequential):
@@ -77,6 +117,11 @@ class QueryAttention(nn.Module):
         return self.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h m d -> b m (h d)"))
 
 
+def resampler_block(config: ResamplerConfig) -> nn.ModuleList:
+    """One block: the queries' attention, then their feed-forward."""
+    return nn.ModuleList([QueryAttention(config.width, config.heads), FeedForward(config.width, config.ff_mult)])
+
+
 class SubjectResampler(nn.Module):
     def __init__(self, config: ResamplerConfig):
         super().__init__()
@@ -84,8 +129,7 @@ class SubjectResampler(nn.Module):
         c = config
         self.queries = nn.Parameter(torch.randn(1, c.num_queries, c.width) / c.width ** 0.5)
         self.proj_in = nn.Linear(c.vision_width, c.width)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([QueryAttention(c.width, c.heads), FeedForward(c.width, c.ff_mult)]) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(resampler_block(c) for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.output_width if c.norm_after_projection else c.width)
         self.proj_out = nn.Linear(c.width, c.output_width)
         self.base_token = nn.Parameter(torch.zeros(c.output_width))

@@ -5,11 +5,14 @@ self-attention with biases, then a pre-LayerNorm MLP, both residual), so the bas
 unchanged and the adapter carries its fine-tuned copies.
 """
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .checkpoint_io import numbered_children
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,17 @@ class VisionLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
+
+
+def stored_vision_layers(shapes: Mapping[str, tuple[int, ...]], prefix: str, width: int) -> int:
+    """How many complete vision layers of this width the state-dict shapes hold under `prefix` (numbered from 0);
+    ValueError for a gap or a layer that is partial or of another width."""
+    if width not in VISION_LAYER_SHAPES:
+        raise ValueError(f"{width}-wide CLIP vision tokens are no known CLIP vision model's "
+                         f"(widths {', '.join(map(str, VISION_LAYER_SHAPES))})")
+    with torch.device("meta"):  # shapes only
+        layer = {key: tuple(value.shape) for key, value in VisionLayer(width).state_dict().items()}
+    return numbered_children(shapes, prefix, layer)
 
 
 def run_vision_layers(layers: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:

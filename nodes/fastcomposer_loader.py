@@ -6,8 +6,8 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..encoders.checkpoint_io import read_state_dict
-from ..encoders.fastcomposer_checkpoint import split_fastcomposer
+from ..encoders.checkpoint_io import UnreadableFile, read_state_dict
+from ..encoders.fastcomposer_checkpoint import FASTCOMPOSER_FIX, split_fastcomposer
 from ..encoders.fastcomposer_fusion import FastComposerFusion
 
 CATEGORY = "subject personalization/FastComposer"
@@ -16,11 +16,11 @@ CATEGORY = "subject personalization/FastComposer"
 def load_fastcomposer(path: str):
     """Build each part from views of one state dict, dropping each part as soon as it is loaded."""
     progress = comfy.utils.ProgressBar(5)
-    parts = split_fastcomposer(read_state_dict(path), name=path)
+    parts = split_fastcomposer(read_state_dict(path, FASTCOMPOSER_FIX), name=path)
 
     model = comfy.sd.load_diffusion_model_state_dict(parts.unet)
     if model is None:
-        raise ValueError(f"{path}: ComfyUI did not recognise the UNet as SD1.5")
+        raise UnreadableFile(path, "ComfyUI did not recognise its UNet as SD1.5", FASTCOMPOSER_FIX)
     parts.unet = None
     progress.update(1)
 
@@ -39,6 +39,8 @@ def load_fastcomposer(path: str):
     progress.update(1)
 
     clip_vision = comfy.clip_vision.load_clipvision_from_sd(parts.vision)
+    if clip_vision is None:
+        raise UnreadableFile(path, "ComfyUI did not recognise its image encoder as a CLIP vision tower", FASTCOMPOSER_FIX)
     parts.vision = None
     progress.update(1)
 

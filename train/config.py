@@ -1,8 +1,11 @@
 """Training configuration: one dataclass, read from a TOML or JSON file, overridable from the command line."""
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ..encoders.checkpoint_io import UnreadableFile, read_json, read_toml
+
+CONFIG_FIX = "correct the file: TOML (.toml) or JSON (any other name); train/config.py lists the options"
 
 
 @dataclass
@@ -45,8 +48,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """The file's values (TOML or JSON), then `key=value` overrides (values parsed as JSON when they can be)."""
     values = {}
     if path:
-        text = Path(path).read_text()
-        values = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
+        values = read_toml(path, CONFIG_FIX) if str(path).endswith(".toml") else read_json(path, CONFIG_FIX)
+        if not isinstance(values, dict):
+            raise UnreadableFile(path, f"it holds a {type(values).__name__}, expected a table of options", CONFIG_FIX)
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator:

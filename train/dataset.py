@@ -10,18 +10,21 @@ words). `references` may be left out when a `mask` is given: the reference is th
 itself with the pack's subject preparation (the subject on a plain background). `mask` is optional; the
 localisation and masked losses need it.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from ..encoders.checkpoint_io import UnreadableFile, read_jsonl
+from ..encoders.checkpoint_io import read_image as read_image_array
 from ..encoders.subject_preparation import prepare_with_mask
 
 REFERENCE_SIZE = 224
+DATASET_FIX = ("a training set is a folder with metadata.jsonl, one JSON object per line: see the README's training "
+               "guide for the format")
+IMAGE_FIX = "replace it with a readable image (PNG, JPEG or WebP)"
 
 
 @dataclass
@@ -39,12 +42,14 @@ class TrainingExample:
     subjects: list[SubjectExample]
 
 
-def read_image(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+def read_image(path: Path, fix: str = IMAGE_FIX) -> torch.Tensor:
+    """(H, W, 3) in [0, 1]."""
+    return torch.from_numpy(read_image_array(path, "RGB", fix).astype(np.float32) / 255.0)
 
 
-def read_mask(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+def read_mask(path: Path, fix: str = IMAGE_FIX) -> torch.Tensor:
+    """(H, W) in [0, 1]."""
+    return torch.from_numpy(read_image_array(path, "L", fix).astype(np.float32) / 255.0)
 
 
 def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -59,41 +64,53 @@ def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
 class SubjectDataset:
     def __init__(self, folder: str | Path, resolution: int, reference_background: str = "black"):
         self.folder = Path(folder)
-        metadata = self.folder / "metadata.jsonl"
-        if not metadata.is_file():
-            raise FileNotFoundError(f"{metadata} not found: a training set is a folder with metadata.jsonl "
-                                    f"(one JSON object per image; see the README's training guide)")
-        self.entries = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        if not self.entries:
-            raise ValueError(f"{metadata} lists no images")
+        self.metadata = self.folder / "metadata.jsonl"
+        self.lines = read_jsonl(self.metadata, DATASET_FIX)  # [(line number from 1, entry)]
+        if not self.lines:
+            raise UnreadableFile(self.metadata, "it lists no images", DATASET_FIX)
         self.resolution, self.reference_background = resolution, reference_background
-        for number, entry in enumerate(self.entries, 1):
+        for number, entry in self.lines:
             self._check(entry, number)
 
-    def _check(self, entry: dict, number: int) -> None:
-        where = f"metadata.jsonl line {number}"
-        for key in ("image", "caption", "subjects"):
+    def _check(self, entry: object, number: int) -> None:
+        """The entry's keys and types, and every subject word in the caption; the files are read when used."""
+        def refuse(problem: str) -> UnreadableFile:
+            return UnreadableFile(self.metadata, f"line {number}: {problem}", DATASET_FIX)
+
+        if not isinstance(entry, dict):
+            raise refuse(f"expected a JSON object, got {type(entry).__name__}")
+        for key, kind in (("image", str), ("caption", str), ("subjects", list)):
             if key not in entry:
-                raise ValueError(f"{where}: missing '{key}'")
+                raise refuse(f"missing '{key}'")
+            if not isinstance(entry[key], kind):
+                raise refuse(f"'{key}' must be a {'string' if kind is str else 'list'}")
         if not entry["subjects"]:
-            raise ValueError(f"{where}: no subjects; every training image needs at least one")
+            raise refuse("no subjects; every training image needs at least one")
         for subject in entry["subjects"]:
-            if subject.get("word", "").lower() not in entry["caption"].lower():
-                raise ValueError(f"{where}: subject word {subject.get('word')!r} is not in the caption {entry['caption']!r}")
-            if not subject.get("references") and not subject.get("mask"):
-                raise ValueError(f"{where}: subject {subject['word']!r} needs 'references' or a 'mask' to cut one from")
+            if not isinstance(subject, dict):
+                raise refuse("each subject must be a JSON object with 'word' and 'references' or 'mask'")
+            word, references, mask = subject.get("word"), subject.get("references"), subject.get("mask")
+            if not isinstance(word, str) or word.lower() not in entry["caption"].lower():
+                raise refuse(f"subject word {word!r} is not in the caption {entry['caption']!r}")
+            if not (references is None or isinstance(references, list) and all(isinstance(r, str) for r in references)):
+                raise refuse(f"the references of {word!r} must be a list of image paths")
+            if not (mask is None or isinstance(mask, str)):
+                raise refuse(f"the mask of {word!r} must be an image path")
+            if not references and not mask:
+                raise refuse(f"subject {word!r} needs 'references' or a 'mask' to cut one from")
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.lines)
 
     def __getitem__(self, index: int) -> TrainingExample:
-        entry = self.entries[index]
-        photo = read_image(self.folder / entry["image"])
+        number, entry = self.lines[index]
+        fix = f"{IMAGE_FIX}, or remove line {number} of {self.metadata}"
+        photo = read_image(self.folder / entry["image"], fix)
         subjects = []
         for subject in entry["subjects"]:
-            mask = read_mask(self.folder / subject["mask"]) if subject.get("mask") else None
+            mask = read_mask(self.folder / subject["mask"], fix) if subject.get("mask") else None
             if subject.get("references"):
-                references = torch.stack([square_resize(read_image(self.folder / path), REFERENCE_SIZE)
+                references = torch.stack([square_resize(read_image(self.folder / path, fix), REFERENCE_SIZE)
                                           for path in subject["references"]])
             else:
                 references, _ = prepare_with_mask(photo[None], mask, REFERENCE_SIZE, background=self.reference_background)

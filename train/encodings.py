@@ -11,12 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..nodes.nested_encode import encode_subject_prompt
-from ..nodes.nested_subject import vision_hidden_states
-from ..nodes.subjects import Subject
+from ..encoders.checkpoint_io import UnreadableFile, read_json, read_safetensors
 from .dataset import SubjectDataset
 
 
@@ -34,9 +31,18 @@ def _file(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.safetensors"
 
 
+def _rebuild(folder: Path) -> str:
+    """What to do about a damaged cache: it is derived data, made again from the dataset."""
+    return f"delete the encodings folder {folder} and run again: it is rebuilt from the training set"
+
+
 @torch.no_grad()
 def encode_dataset(dataset: SubjectDataset, folder: Path, adapter, clip, vae, clip_vision, progress=None) -> None:
     """Write every example's encodings that are not on disk yet (an interrupted run resumes the cache)."""
+    # ComfyUI-side helpers, imported here so that the cache format is read without ComfyUI (the core tier).
+    from ..nodes.nested_encode import encode_subject_prompt
+    from ..nodes.nested_subject import vision_hidden_states
+    from ..nodes.subjects import Subject
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(len(dataset)):
         path = _file(folder, index)
@@ -62,7 +68,10 @@ def check_vision_input(folder: Path, adapter) -> None:
     wanted = {"hidden_state": adapter.vision_hidden_state, "layers_before": len(adapter.vision_layers)}
     record = folder / "vision_input.json"
     if record.is_file():
-        found = json.loads(record.read_text())
+        found = read_json(record, _rebuild(folder))
+        if not isinstance(found, dict):
+            raise UnreadableFile(record, f"it holds a {type(found).__name__}, not the cache's record of its CLIP vision "
+                                         f"input", _rebuild(folder))
         if found != wanted:
             raise ValueError(f"the encodings in {folder} hold CLIP vision hidden states {found}, but this run needs "
                              f"{wanted} (train_vision_layers changed): set `encodings` to another folder or delete it")
@@ -84,10 +93,22 @@ def save_encoded(path: Path, example: EncodedExample) -> None:
 
 
 def load_encoded(folder: Path, index: int) -> EncodedExample:
-    with safe_open(str(_file(folder, index)), framework="pt") as f:
-        count = json.loads(f.metadata()["subjects"])
-        keys = set(f.keys())
-        return EncodedExample(
-            f.get_tensor("latent"), f.get_tensor("context"), f.get_tensor("pooled"), f.get_tensor("positions").tolist(),
-            [f.get_tensor(f"references_{slot}").float() for slot in range(count)],
-            [f.get_tensor(f"mask_{slot}") if f"mask_{slot}" in keys else None for slot in range(count)])
+    """One cached example, refused (with the advice to rebuild the cache) unless its file is complete: the subject
+    count in its metadata, and every tensor that count and the format need."""
+    path = _file(folder, index)
+    metadata, tensors = read_safetensors(path, _rebuild(folder))
+    stated = metadata.get("subjects", "")
+    if not (stated.isdecimal() and int(stated) <= len(tensors)):  # each subject has its own tensors
+        raise UnreadableFile(path, f"its metadata field 'subjects' is {stated!r}, not a count of the subjects it holds",
+                             _rebuild(folder))
+    count = int(stated)
+    missing = [key for key in ("latent", "context", "pooled", "positions", *(f"references_{slot}" for slot in range(count)))
+               if key not in tensors]
+    if missing or tensors["positions"].numel() != count:
+        problem = f"it lacks {', '.join(missing)}" if missing else \
+            f"it holds {tensors['positions'].numel()} subject positions for {count} subjects"
+        raise UnreadableFile(path, f"the cached encoding is incomplete: {problem}", _rebuild(folder))
+    return EncodedExample(
+        tensors["latent"], tensors["context"], tensors["pooled"], tensors["positions"].tolist(),
+        [tensors[f"references_{slot}"].float() for slot in range(count)],
+        [tensors.get(f"mask_{slot}") for slot in range(count)])

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..encoders.checkpoint_io import UnreadableFile, check_model_file
 from ..encoders.nested_adapter import load_nested_adapter, save_nested_adapter
 from ..nodes.base_model import model_cross_attention_layers, model_family
 from ..nodes.nested_adapter_nodes import fresh_adapter
@@ -25,8 +26,13 @@ from .config import TrainConfig, config_dict
 from .dataset import SubjectDataset
 from .encodings import EncodedExample, check_vision_input, encode_dataset, load_encoded
 from .objective import TrainingAttention, gradient_checkpointing, masked_mse, noised, prediction_target
+from .training_state import RESUME_FIX, read_training_state, state_file
 
 LOG_COLUMNS = ("step", "loss", "denoising_loss", "localization_loss", "learning_rate", "images_per_second")
+CHECKPOINT_FIX = ("set checkpoint to a Stable Diffusion 1.5 or SDXL checkpoint holding UNet, text encoder and VAE (what "
+                  "ComfyUI's 'Load Checkpoint' loads, from models/checkpoints/)")
+CLIP_VISION_FIX = ("set clip_vision to a CLIP ViT-L/14 or ViT-H/14 vision model file (what ComfyUI's 'Load CLIP Vision' "
+                   "loads, from models/clip_vision/)")
 
 
 @dataclass
@@ -41,11 +47,21 @@ class BaseModels:
 
 
 def load_base_models(config: TrainConfig) -> BaseModels:
-    """The base checkpoint through ComfyUI's own loader, and the CLIP vision model."""
+    """The base checkpoint through ComfyUI's own loader, and the CLIP vision model: both files' containers are checked
+    first, and what ComfyUI makes of them after (None, or a model without its text encoder or VAE, for files it does
+    not know)."""
     import comfy.clip_vision
     import comfy.sd
+    check_model_file(config.checkpoint, CHECKPOINT_FIX)
+    check_model_file(config.clip_vision, CLIP_VISION_FIX)
+    clip_vision = comfy.clip_vision.load(config.clip_vision)  # first: the smaller file, refused before the big one loads
+    if not isinstance(clip_vision, comfy.clip_vision.ClipVisionModel):
+        raise UnreadableFile(config.clip_vision, "ComfyUI does not recognise it as a CLIP vision model", CLIP_VISION_FIX)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(config.checkpoint, output_vae=True, output_clip=True)[:3]
-    return BaseModels(model, clip, vae, comfy.clip_vision.load(config.clip_vision), Path(config.checkpoint).name)
+    if clip is None or vae is None or vae.first_stage_model is None:
+        raise UnreadableFile(config.checkpoint, "ComfyUI found a diffusion model in it but no text encoder or no VAE",
+                             CHECKPOINT_FIX)
+    return BaseModels(model, clip, vae, clip_vision, Path(config.checkpoint).name)
 
 
 class SubjectEncoderTraining(nn.Module):
@@ -269,7 +285,7 @@ class Trainer:
         state = {"step": self.step, "adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
-        torch.save(state, path.with_suffix(".state.pt"))
+        torch.save(state, state_file(path))
         return path
 
     def resume(self, checkpoint: str | Path) -> None:
@@ -280,11 +296,11 @@ class Trainer:
             if not found:
                 raise FileNotFoundError(f"no checkpoint in {self.output / 'checkpoints'} to resume from")
             checkpoint = found[-1]
-        state_file = checkpoint.with_suffix(".state.pt")
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file} not found: resuming needs the training state written with the checkpoint")
+        if not state_file(checkpoint).is_file():
+            raise UnreadableFile(state_file(checkpoint), "it is missing: resuming needs the training state written "
+                                                         "with the checkpoint", RESUME_FIX)
         load_nested_adapter(checkpoint)  # refuses anything that is not an adapter file
-        state = torch.load(state_file, map_location=self.device, weights_only=True)
+        state = read_training_state(state_file(checkpoint), self.adapter)
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from subject_personalization.encoders.checkpoint_io import read_state_dict
+from subject_personalization.encoders.checkpoint_io import UnreadableFile, read_state_dict
 from subject_personalization.encoders.fastcomposer_checkpoint import (SIGNATURE, check_fastcomposer, convert_to_safetensors,
                                                                       split_fastcomposer)
 
@@ -104,7 +104,7 @@ def test_unknown_extensions_and_missing_files(tmp_path):
     path.write_bytes(b"\x00")
     with pytest.raises(ValueError, match="expected a .safetensors file"):
         read_state_dict(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UnreadableFile, match="absent.bin: no such file"):
         read_state_dict(tmp_path / "absent.bin")
 
 

@@ -3,6 +3,7 @@ model untouched, it resumes exactly, and it runs on two processes."""
 import dataclasses
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,37 @@ def test_resuming_reproduces_the_uninterrupted_run(world, tmp_path):
     for expected, got in zip(straight[steps // 2:], resumed):
         assert got["step"] == expected["step"]
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_a_damaged_training_state_is_refused_on_resume(world, tmp_path):
+    from subject_personalization.encoders.checkpoint_io import UnreadableFile
+    from subject_personalization.train.trainer import Trainer
+    folder, _, base = world
+    config = training_config(folder, tmp_path, max_steps=1, checkpoint_every=1)
+    Trainer(config, base).fit()
+    state = tmp_path / "checkpoints" / "step_0000001.state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(UnreadableFile, match=re.escape(f"cannot use {state}: it is damaged or not a PyTorch file")
+                       + ".*resume from an earlier checkpoint"):
+        Trainer(config, base).resume("latest")
+
+
+def test_files_comfyui_cannot_use_are_refused_with_their_names(comfy, tmp_path):
+    """The base files' containers are checked, then what ComfyUI makes of them; no model is loaded here."""
+    from safetensors.torch import save_file
+    from subject_personalization.encoders.checkpoint_io import UnreadableFile
+    from subject_personalization.train.trainer import load_base_models
+    not_clip_vision = tmp_path / "not_clip_vision.safetensors"
+    save_file({"weight": torch.zeros(4, 4)}, not_clip_vision)
+    truncated = tmp_path / "truncated_checkpoint.safetensors"
+    truncated.write_bytes(not_clip_vision.read_bytes()[:-8])
+    config = training_config(tmp_path, tmp_path / "run", checkpoint=str(truncated), clip_vision=str(not_clip_vision))
+    with pytest.raises(UnreadableFile, match=re.escape(f"cannot use {truncated}: ") + ".*truncated.*"
+                       + re.escape("set checkpoint to a Stable Diffusion 1.5 or SDXL checkpoint")):
+        load_base_models(config)
+    with pytest.raises(UnreadableFile, match=re.escape(f"cannot use {not_clip_vision}: ComfyUI does not recognise it as "
+                                                       f"a CLIP vision model; set clip_vision to a CLIP ViT-L/14")):
+        load_base_models(dataclasses.replace(config, checkpoint=str(not_clip_vision)))
 
 
 def test_two_processes_train_together_with_gloo(world, tmp_path):
