@@ -179,9 +179,6 @@ class SubjectAttentionPatch:
         return self._device_cache[cache_key]
 
     def _attn2(self, previous):
-        def plain(q, k, v, extra_options):
-            return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, extra_options["n_heads"])
-
         def attn2(q, k, v, extra_options):
             found, record_step = extra_options.get(self.options_key, ((), False))
             record = record_step and extra_options["block"][0] in self.recording.blocks
@@ -193,13 +190,11 @@ class SubjectAttentionPatch:
                     bindings.append(SubjectBinding(token_index, nested_keys, nested_values, subject.strength,
                                                    self._query_mask(subject, extra_options, q)))
                     sources.append(subject.source)
+            heads = extra_options["n_heads"]
             if not bindings:
-                return plain(q, k, v, extra_options)
-            # Rows without an acting subject (the negative, other prompts) keep the unpatched kernel's output, bit
-            # for bit: it runs on the whole batch, as unpatched, unless every row carries a subject.
+                return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, heads)
             rows = torch.stack([binding.token_index >= 0 for binding in bindings]).any(dim=0)
-            carried, heads = rows.nonzero().flatten(), extra_options["n_heads"]
-            base = plain(q, k, v, extra_options) if previous is not None or not rows.all() else None
+            carried = _row_selection(rows)
             carried_bindings = [_rows_of(binding, carried) for binding in bindings]
             if not record:
                 subject_out = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings)
@@ -207,12 +202,20 @@ class SubjectAttentionPatch:
                 subject_out, probs = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings,
                                                        return_subject_probs=True)
                 self._record(probs, carried, sources, q.shape[0], extra_options)
-            if base is None:
+            if previous is not None:  # another pack's replacement keeps its effect on every row; ours adds its difference
+                out = previous(q, k, v, extra_options)
+                subject_out += out[carried] - optimized_attention(q[carried], k[carried], v[carried], heads)
+                out[carried] = subject_out
+                return out
+            if rows.all():
                 return subject_out
-            if previous is not None:  # another pack's replacement keeps its effect; ours adds its difference
-                subject_out += base[carried] - optimized_attention(q[carried], k[carried], v[carried], heads)
-            base[carried] = subject_out
-            return base
+            # Every row is attended once: the rows without an acting subject (the negative, other prompts) by ComfyUI's
+            # own kernel, which gives them the unpatched bits wherever it is batch-invariant (SDPA; host tests).
+            others = _row_selection(~rows)
+            out = subject_out.new_empty((q.shape[0], *subject_out.shape[1:]))
+            out[carried] = subject_out
+            out[others] = optimized_attention(q[others], k[others], v[others], heads)
+            return out
         return attn2
 
     def _record(self, probs: torch.Tensor, carried: torch.Tensor, sources: list, batch: int, extra_options: dict):
@@ -229,9 +232,21 @@ class SubjectAttentionPatch:
         self.recording.recorder.add(chunks[positive].mean(dim=0), height, width)
 
 
-def _rows_of(binding: SubjectBinding, rows: torch.Tensor) -> SubjectBinding:
+def _row_selection(rows: torch.Tensor) -> slice | torch.Tensor:
+    """The batch rows where `rows` (B,) is true: a slice when they are consecutive (views, no copies), else indices."""
+    positions = rows.nonzero().flatten()
+    first, last = int(positions[0]), int(positions[-1])
+    return slice(first, last + 1) if last - first + 1 == len(positions) else positions
+
+
+def _rows_of(binding: SubjectBinding, rows: slice | torch.Tensor) -> SubjectBinding:
     """The binding restricted to some batch rows (per-row nested tensors and masks included)."""
-    per_row = lambda tensor, ndim: tensor[rows.to(tensor.device)] if tensor is not None and tensor.ndim == ndim \
-        and tensor.shape[0] == binding.token_index.shape[0] else tensor
-    return SubjectBinding(binding.token_index[rows.cpu()], per_row(binding.nested_keys, 3),
-                          per_row(binding.nested_values, 3), binding.strength, per_row(binding.query_mask, 2))
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[rows] if isinstance(rows, slice) else tensor[rows.to(tensor.device)]
+
+    def per_row(tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+        is_per_row = tensor is not None and tensor.ndim == ndim and tensor.shape[0] == binding.token_index.shape[0]
+        return take(tensor) if is_per_row else tensor
+
+    return SubjectBinding(take(binding.token_index), per_row(binding.nested_keys, 3), per_row(binding.nested_values, 3),
+                          binding.strength, per_row(binding.query_mask, 2))

@@ -29,7 +29,7 @@ def release_memory_after_each_module():
 def comfy(tmp_path_factory) -> HeadlessComfy:
     comfyui_path = require_comfyui()
     # ComfyUI keeps text and vision encoders in fp16 by default; fp32 makes the exactness tests meaningful.
-    return HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"), extra_args=("--fp32-text-enc",))
+    return HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"), extra_args=("--fp32-text-enc", "--use-pytorch-cross-attention"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Nested Attention patched into a real ComfyUI SD1.5 UNet: the contract of the patch, in the host."""
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -113,6 +114,63 @@ def test_subject_tokens_are_found_in_every_batch_layout(fastcomposer_models, nes
     torch.testing.assert_close(mixed[0], alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
     torch.testing.assert_close(mixed[1], long_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
     torch.testing.assert_close(mixed[2], negative_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
+
+
+def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcomposer_models, nested, node,
+                                                                       monkeypatch):
+    """cond + uncond in one batch: in every layer ComfyUI's kernel runs on the uncond row only and subject attention
+    on the cond row only, and the uncond row's output is the kernel's on the whole batch, bit for bit."""
+    from comfy.ldm.modules.attention import optimized_attention
+    # The patch module of the pack as ComfyUI loaded it (from custom_nodes), which the node uses.
+    subject_patch = sys.modules[type(node("ApplyNestedAttention")).__module__.rsplit(".", 1)[0] + ".subject_patch"]
+    subject_attention = subject_patch.subject_attention
+    kernel_rows, subject_rows, calls = [], [], []
+
+    def counted_kernel(q, k, v, heads, *args, **kwargs):
+        kernel_rows.append(q.shape[0])
+        return optimized_attention(q, k, v, heads, *args, **kwargs)
+
+    def counted_subject_attention(q, *args, **kwargs):
+        subject_rows.append(q.shape[0])
+        return subject_attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(subject_patch, "optimized_attention", counted_kernel)
+    monkeypatch.setattr(subject_patch, "subject_attention", counted_subject_attention)
+    patched = apply(node, fastcomposer_models[0], nested["positive"])
+    for block, replacement in dict(patched.model_options["transformer_options"]["patches_replace"]["attn2"]).items():
+        def spy(q, k, v, extra_options, replacement=replacement):
+            out = replacement(q, k, v, extra_options)
+            calls.append((q, k, v, extra_options["n_heads"], out))
+            return out
+        patched.set_model_attn2_replace(spy, *block)
+    run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])
+    assert kernel_rows == [1] * 16 and subject_rows == [1] * 16
+    for q, k, v, heads, out in calls:
+        assert torch.equal(out[1], optimized_attention(q, k, v, heads)[1])
+
+
+REAL_SHAPES = [(4096, 320, 8), (1024, 640, 8), (256, 1280, 8), (64, 1280, 8),  # SD1.5 at 512x512
+               (4096, 640, 10), (1024, 1280, 20)]                                 # SDXL at 1024x1024
+TINY_SHAPES = [(64, 320, 8), (16, 640, 8), (4, 1280, 8), (1, 1280, 8)]            # SD1.5 at 64x64
+
+
+@pytest.mark.parametrize("kernel", ["attention_pytorch", "attention_sub_quad"])
+def test_comfyuis_kernels_give_a_row_alone_the_bits_it_gets_in_the_batch(comfy, kernel):
+    """The patch runs ComfyUI's kernel on the rows without an acting subject only, so those rows keep the unpatched
+    bits where the kernel is batch-invariant: PyTorch's SDPA (this tier's kernel, ComfyUI's default on NVIDIA GPUs)
+    at every shape; ComfyUI's sub-quadratic CPU default at every attn2 shape of SD1.5 at 512 and SDXL at 1024. At
+    tiny latents the latter's small batched matmuls round a row differently alone: by one rounding step, bounded."""
+    from comfy.ldm.modules import attention
+    attend = getattr(attention, kernel)
+    generator = torch.Generator().manual_seed(0)
+    for queries, width, heads in REAL_SHAPES + TINY_SHAPES:
+        q = torch.randn(2, queries, width, generator=generator)
+        k, v = torch.randn(2, 2, 77, width, generator=generator)
+        together, alone = attend(q, k, v, heads)[1], attend(q[1:], k[1:], v[1:], heads)[0]
+        if kernel == "attention_pytorch" or (queries, width, heads) in REAL_SHAPES:
+            assert torch.equal(together, alone), f"{kernel} at {queries} x {width}"
+        else:
+            torch.testing.assert_close(alone, together, rtol=0, atol=1e-6 * together.abs().max().item())
 
 
 def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastcomposer_models, nested, node, comfy):
