@@ -1,0 +1,232 @@
+"""One cross-attention layer: the pack's replacement against ComfyUI's own attention, at the real shapes of SD1.5
+(512x512) and SDXL (1024x1024), each ratio beside its arithmetic limit; and the share of cross-attention in a whole
+UNet step, which turns the layer ratios into an estimate of the step ratio.
+
+    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cpu
+    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cuda
+
+Layer: the attn2 replacement that 'Apply Nested Attention' installs, taken from a patched MODEL and called with the
+extra_options its model wrapper builds, on seeded random q, k, v of one layer's shape; against ComfyUI's
+`optimized_attention` on the same q, k, v, which is the unpatched layer's call. Batches: 'cond+uncond' (the
+sampler's usual batch: 2 rows, the subjects in the first) and 'cond' (1 row, every row carries the subjects);
+1, 2 and 4 subjects with M = 16 nested tokens each. All variants of a shape are interleaved in rounds, the order
+rotated each round; the table gives the median and the interquartile range of the per-call time ratio.
+
+Arithmetic limit: the multiply-adds of the attention products, patched over unpatched, per call. A row with
+subjects runs q.k and a.v over head size d + e, where e >= S indicator channels pad d + S to a multiple of 8 (the
+kernel's output there is each subject token's attention weight), plus one nested attention over M tokens per
+subject; a row without subjects costs what it did. Softmax, masks and copies are not counted.
+
+Step: a real ComfyUI UNet (the family's own config, seeded random weights), one call as the sampler makes it
+(batch 2, cond + uncond), with a timing attn2 replacement on every layer: the share of the step spent in each
+layer shape's cross-attention. The estimated step ratio is 1 + sum over shapes of share x (layer ratio - 1).
+"""
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_nested_attention import (DTYPES, PROMPT_TOKENS, SUBJECT_POSITIONS, UNET_CONFIGS, HeadlessComfy,  # noqa: E402
+                                    build_unet, comfyui_path_from_env, markdown_table, register_pack, step_inputs,
+                                    synchronize, time_ms, unet_step)
+
+NESTED_TOKENS = 16
+SUBJECT_COUNTS = (1, 2, 4)
+HEAD_DIM_ALIGN = 8  # attention/subject_attention.py pads the indicator channels to this multiple
+# One layer per attention shape: (family, block, latent side at the family's size, width, heads).
+LAYERS = [("sd15", ("input", 1, 0), 64, 320, 8), ("sd15", ("input", 4, 0), 32, 640, 8),
+          ("sd15", ("input", 7, 0), 16, 1280, 8), ("sd15", ("middle", 0, 0), 8, 1280, 8),
+          ("sdxl", ("input", 4, 0), 64, 640, 10), ("sdxl", ("input", 7, 0), 32, 1280, 20)]
+STEP_SIZE = {"sd15": 512, "sdxl": 1024}
+# A tiny UNet of each family's layout only hosts the patch (its model_options); the timed tensors have real shapes.
+HOST_WIDTH = 32
+
+
+def arithmetic_limit(queries: int, width: int, heads: int, subjects: int, rows: int, carried: int) -> float:
+    """Multiply-adds of the patched attention products over the unpatched ones, for the whole batch."""
+    head_dim = width // heads
+    padded = -(-(head_dim + subjects) // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
+    plain_row = 2 * queries * PROMPT_TOKENS * width
+    subject_row = 2 * queries * PROMPT_TOKENS * heads * padded + subjects * 2 * queries * NESTED_TOKENS * width
+    return (carried * subject_row + (rows - carried) * plain_row) / (rows * plain_row)
+
+
+def host_model(family: str, device: torch.device, dtype: torch.dtype):
+    """A ModelPatcher around a tiny UNet of the family's layout, to install the patch on as the node does."""
+    import comfy.model_detection
+    import comfy.model_patcher
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[family]))
+    config.unet_config["model_channels"] = HOST_WIDTH
+    if family == "sdxl":
+        config.unet_config["num_head_channels"] = HOST_WIDTH
+    config.set_inference_dtype(dtype, None)
+    return comfy.model_patcher.ModelPatcher(config.get_model({}, "", device=device), load_device=device,
+                                            offload_device=device)
+
+
+def layer_calls(model, family: str, block, side: int, width: int, heads: int, rows: int, device, dtype):
+    """{variant: call} for one layer shape and batch: ComfyUI's attention, and the patched replacement per count."""
+    from comfy.ldm.modules.attention import optimized_attention
+    from subject_personalization.encoders.unet_layers import layer_key
+    from subject_personalization.nodes.subject_patch import PatchedSubject, add_subject_patch
+
+    generator = torch.Generator().manual_seed(side * width + rows)
+    queries = side * side
+    q = torch.randn(rows, queries, width, generator=generator).to(device, dtype)
+    k, v = (torch.randn(rows, PROMPT_TOKENS, width, generator=generator).to(device, dtype) for _ in range(2))
+    context = torch.randn(rows, PROMPT_TOKENS, UNET_CONFIGS[family]["context_dim"], generator=generator).to(device, dtype)
+    cond_or_uncond = [0, 1][:rows]
+    calls = {"unpatched": lambda: optimized_attention(q, k, v, heads)}
+    for count in SUBJECT_COUNTS:
+        subjects = [PatchedSubject(signature=context[0, position].clone(), source=position, strength=1.0,
+                                   nested={layer_key(block): tuple(
+                                       torch.randn(NESTED_TOKENS, width, generator=generator).to(device, dtype)
+                                       for _ in range(2))})
+                    for position in SUBJECT_POSITIONS[:count]]
+        patched = add_subject_patch(model, subjects)
+        captured = {}
+
+        def capture(latent, timestep, **conditioning):
+            captured.update(conditioning["transformer_options"])
+
+        patched.model_options["model_function_wrapper"](capture, {
+            "input": torch.zeros(rows, 4, side, side, device=device), "cond_or_uncond": cond_or_uncond,
+            "timestep": torch.ones(rows, device=device),
+            "c": {"c_crossattn": context, "transformer_options": {"cond_or_uncond": cond_or_uncond}}})
+        extra_options = {**captured, "block": block[:2], "block_index": block[2], "n_heads": heads,
+                         "dim_head": width // heads, "activations_shape": [rows, width, side, side]}
+        replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
+        calls[f"{count} subject{'s' * (count > 1)}"] = (lambda replacement=replacement, options=extra_options:
+                                                       replacement(q, k, v, options))
+    return calls
+
+
+def bench_layers(families, device, dtype, rounds: int) -> tuple[list[tuple], dict]:
+    """Rows of the layer table, and {(family, width, queries): {variant: median ratio}} for the 'cond+uncond' batch."""
+    rows, ratios = [], {}
+    for family in families:
+        model = host_model(family, device, dtype)
+        for layer_family, block, side, width, heads in LAYERS:
+            if layer_family != family:
+                continue
+            for batch, rows_in_batch in (("cond+uncond", 2), ("cond", 1)):
+                calls = layer_calls(model, family, block, side, width, heads, rows_in_batch, device, dtype)
+                reference = calls["unpatched"]()
+                for name, call in calls.items():  # warm-up, and proof that every patched variant is live
+                    if name != "unpatched" and torch.equal(call(), reference):
+                        raise RuntimeError(f"{family} {block} {name}: the patched output equals the unpatched one")
+                names = list(calls)
+                times = {name: [] for name in names}
+                for round_number in range(rounds):
+                    shift = round_number % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        times[name].append(time_ms(calls[name], device))
+                plain = statistics.median(times["unpatched"])
+                for name in names[1:]:
+                    count = int(name.split()[0])
+                    per_round = sorted(t / p for t, p in zip(times[name], times["unpatched"]))
+                    quartiles = statistics.quantiles(per_round, n=4)
+                    median = statistics.median(per_round)
+                    limit = arithmetic_limit(side * side, width, heads, count, rows_in_batch, 1)
+                    rows.append((family, f"{side * side} x {width} ({heads} heads of {width // heads})", batch, name,
+                                 f"{plain:.2f}", f"{statistics.median(times[name]):.2f}", f"{median:.3f}",
+                                 f"{quartiles[0]:.3f}-{quartiles[2]:.3f}", f"{limit:.3f}"))
+                    if batch == "cond+uncond":
+                        ratios.setdefault((family, width, side * side), {})[name] = median
+        del model
+        gc.collect()
+    return rows, ratios
+
+
+def bench_step_share(family: str, size: int, device, dtype, rounds: int) -> dict:
+    """{(family, width, queries): median share of the step spent in that shape's cross-attention}, and 'step ms'."""
+    from comfy.ldm.modules.attention import optimized_attention
+    from subject_personalization.encoders.unet_layers import cross_attention_layers
+
+    patcher = build_unet(family, dtype, device)
+    inputs = step_inputs(family, size, device, patcher.get_model_object("model_sampling"))
+    timed = patcher.clone()
+    spent: dict[tuple, float] = {}
+
+    def timing_attention(q, k, v, extra_options):
+        synchronize(device)
+        start = time.perf_counter()
+        out = optimized_attention(q, k, v, extra_options["n_heads"])
+        synchronize(device)
+        shape = (family, q.shape[-1], q.shape[1])
+        spent[shape] = spent.get(shape, 0.0) + (time.perf_counter() - start) * 1000
+        return out
+
+    for layer in cross_attention_layers(family):
+        timed.set_model_attn2_replace(timing_attention, *layer.block)
+    step = unet_step(timed, inputs)
+    step()  # warm-up
+    shares: dict[tuple, list[float]] = {}
+    step_times = []
+    for _ in range(rounds):
+        spent.clear()
+        step_ms = time_ms(step, device)
+        step_times.append(step_ms)
+        for shape, ms in spent.items():
+            shares.setdefault(shape, []).append(ms / step_ms)
+    del patcher, timed
+    gc.collect()
+    return {**{shape: statistics.median(values) for shape, values in shares.items()},
+            "step ms": statistics.median(step_times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=comfyui_path_from_env(), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per layer shape (default 40)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="timed UNet steps for the share (default 3)")
+    parser.add_argument("--step-families", nargs="*", choices=("sd15", "sdxl"),
+                        help="families whose whole-step share is measured (default: GPU sd15 sdxl; CPU sd15: SDXL at "
+                             "1024 needs minutes per step and 10 GB in fp32 there); none: give the flag alone")
+    args = parser.parse_args()
+    if not args.comfyui:
+        parser.error("set COMFYUI_PATH or pass --comfyui")
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")]
+    step_families = args.step_families if args.step_families is not None else (["sd15", "sdxl"] if on_gpu else ["sd15"])
+
+    with tempfile.TemporaryDirectory(prefix="bench_attention_layer_") as scratch:
+        HeadlessComfy(args.comfyui, scratch, extra_args=("--use-pytorch-cross-attention",), cpu=not on_gpu)
+        register_pack()
+        from comfyui_version import __version__ as comfyui_version
+        with torch.inference_mode():
+            layer_rows, ratios = bench_layers(("sd15", "sdxl"), device, dtype, args.rounds)
+            shares = {family: bench_step_share(family, STEP_SIZE[family], device, dtype, args.step_rounds)
+                      for family in step_families}
+
+    hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version} (--use-pytorch-cross-attention); "
+          f"{str(dtype).removeprefix('torch.')}; M = {NESTED_TOKENS}; {args.rounds} interleaved rounds\n")
+    print(markdown_table(("model", "queries x width", "batch", "variant", "unpatched ms", "patched ms",
+                          "x unpatched (median)", "interquartile", "arithmetic limit"), layer_rows))
+    step_rows = []
+    for family, measured in shares.items():
+        shape_shares = {shape: share for shape, share in measured.items() if shape != "step ms"}
+        for count in SUBJECT_COUNTS:
+            name = f"{count} subject{'s' * (count > 1)}"
+            estimate = 1 + sum(share * (ratios[shape][name] - 1) for shape, share in shape_shares.items())
+            step_rows.append((family, f"{STEP_SIZE[family]}x{STEP_SIZE[family]}", f"{measured['step ms']:.0f}",
+                              f"{100 * sum(shape_shares.values()):.1f}%", name, f"{estimate:.3f}"))
+    print()
+    print(markdown_table(("model", "image", "unpatched step ms", "cross-attention share of the step", "variant",
+                          "estimated step ratio"), step_rows))
+
+
+if __name__ == "__main__":
+    main()
