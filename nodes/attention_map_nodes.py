@@ -2,6 +2,7 @@
 import torch
 
 from ..attention.attention_maps import maps_to_masks, render_heatmap_with_legend
+from .input_checks import checked_inputs
 from .subject_patch import AttentionRecording, PatchedSubject, add_subject_patch
 from .subjects import CATEGORY as PACK_CATEGORY, bindings_of
 
@@ -36,9 +37,8 @@ class RecordSubjectAttention:
                                       "tooltip": "Record until this fraction of the schedule."}),
         }}
 
+    @checked_inputs(("start_percent", "end_percent"))
     def record(self, model, positive, layers, start_percent, end_percent):
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         bindings = bindings_of(positive)
         if not bindings:
             raise ValueError("this conditioning binds no subject: connect the output of a subject encode node")
@@ -70,6 +70,7 @@ class SubjectAttentionMaps:
                                          "tooltip": "Masks are 1 where the normalised map exceeds this; 0 gives soft masks."}),
         }}
 
+    @checked_inputs()
     def draw(self, recording, image, opacity, mask_threshold):
         if not recording.recorder.count:
             raise ValueError("no attention was recorded: connect the MODEL output of 'Record Subject Attention' to "

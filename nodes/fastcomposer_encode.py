@@ -8,6 +8,7 @@ from ..encoders.fastcomposer_preprocess import preprocess_subject_images
 from ..encoders.subject_prompt import (SUBJECT_MARKER, mark_subject_words, prompt_with_sentinels, remove_sentinels,
                                        split_subject_words)
 from .fastcomposer_loader import CATEGORY
+from .input_checks import checked_inputs
 from .subjects import BINDINGS_KEY, Subject
 
 MAX_SUBJECTS = 4
@@ -28,9 +29,7 @@ def subject_embeddings(clip_vision, subjects: list[torch.Tensor]) -> torch.Tenso
     """One projected CLIP image embedding per subject; several images of one subject are averaged (ours)."""
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     embeddings = []
-    for index, images in enumerate(subjects):
-        if images.numel() == 0:
-            raise ValueError(f"subject {index + 1}'s image is empty")
+    for images in subjects:
         pixels = preprocess_subject_images(images).to(clip_vision.load_device)
         projected = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
         embeddings.append(projected.float().mean(dim=0).cpu())
@@ -139,6 +138,7 @@ class FastComposerEncode:
             },
         }
 
+    @checked_inputs()
     def encode(self, clip, clip_vision, fastcomposer, text, subject_words, text_only_fraction, subjects=None,
                **subject_images):
         inputs = [subject_images.get(f"subject_{index}") for index in range(1, MAX_SUBJECTS + 1)]

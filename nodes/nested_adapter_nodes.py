@@ -7,6 +7,7 @@ import folder_paths
 
 from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, new_nested_adapter, save_nested_adapter
 from .base_model import attn2_weights, clip_tokenizers, model_cross_attention_layers, model_family
+from .input_checks import checked_inputs
 from .subjects import CATEGORY as PACK_CATEGORY
 
 HIDDEN_STATE_INDEX = {"penultimate": -2, "last": -1}  # as ComfyUI's CLIP encoder counts intermediate outputs
@@ -98,6 +99,7 @@ class NestedAttentionNewAdapter:
             "filename": ("STRING", {"default": "nested_new_adapter", "tooltip": "Saved as models/nested_attention/<filename>.safetensors."}),
         }}
 
+    @checked_inputs()
     def create(self, model, clip, initializer_word, subject_domain, vision_model, seed, filename):
         adapter = fresh_adapter(model, clip, initializer_word.strip(), vision_model, subject_domain, seed)
         folder = folder_paths.get_folder_paths("nested_attention")[0]

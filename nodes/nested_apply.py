@@ -4,6 +4,7 @@ import torch
 from ..encoders.nested_adapter import check_compatible, check_layers
 from ..encoders.unet_layers import CONTEXT_WIDTH
 from .base_model import model_cross_attention_layers, model_family
+from .input_checks import checked_inputs
 from .nested_adapter_nodes import CATEGORY
 from .subject_patch import PatchedSubject, add_subject_patch
 from .subjects import bindings_of
@@ -50,6 +51,7 @@ class ApplyNestedAttention:
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
         }}
 
+    @checked_inputs(("start_percent", "end_percent"))
     def apply(self, model, positive, strength, start_percent, end_percent):
         return (add_subject_patch(model, patched_subjects(model, positive, strength, start_percent, end_percent)),)
 

@@ -6,6 +6,7 @@ import torch
 
 from ..encoders.nested_adapter import CLIP_VISION
 from .host_compat import clip_preprocess
+from .input_checks import checked_inputs
 from .nested_adapter_nodes import CATEGORY, HIDDEN_STATE_INDEX
 from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask
 
@@ -15,8 +16,6 @@ CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last
 @torch.no_grad()  # the executor runs nodes under inference_mode; direct callers (scripts, tests) must not build graphs
 def encode_subject_tokens(adapter, clip_vision, images: torch.Tensor) -> torch.Tensor:
     """(n, H, W, C) photos of one subject -> the adapter's encoder tokens (1, M, D), averaged over the photos."""
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty IMAGE batch, got shape {tuple(images.shape)}")
     hidden = vision_hidden_states(clip_vision, images, adapter.vision_hidden_state, len(adapter.vision_layers))
     if hidden.shape[-1] != adapter.vision_width:
         got = CLIP_VISION.get(hidden.shape[-1], "an unknown CLIP vision model")
@@ -61,6 +60,7 @@ class NestedAttentionSubject:
             "optional": MASK_INPUTS,
         }
 
+    @checked_inputs(("start_percent", "end_percent"))
     def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None,
                mask=None, mask_feather=0):
         subject = checked_subject(word, image, weight, start_percent, end_percent)

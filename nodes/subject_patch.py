@@ -13,12 +13,17 @@ where the signature appears exactly. This holds however the sampler batches:
   copy the subject's value is exact.
 The rows found travel to the attention layers through this call's transformer_options.
 
+What only the sampler's inputs reveal is checked once per sampling run, when it starts (an OUTER_SAMPLE wrapper,
+before the first UNet call): some positive conditioning of the sampler must carry a subject of the patch, searched
+as above (a patched model sampled with a prompt the encode node did not make would silently render no subject),
+and the mask of each subject found must have the latent's aspect ratio. Conditionings without subjects next to one
+with them, and subjects acting on part of the schedule only, are fine; the negative is never searched.
+
 One patch per MODEL: nested values (Apply Nested Attention), regional masks (Apply Subject Masks) and
 attention-map recording (Record Subject Attention) all act in the same attention call. A node that adds
 to a model already carrying the patch extends it (a subject already there is not added twice) instead of
 stacking a second one.
 """
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +84,26 @@ def find_subject_tokens(context: torch.Tensor, cond_or_uncond: list[int], signat
             for occurrence in range(int(hits.sum(1).max()))]
 
 
+def check_sampling_inputs(subjects: list[PatchedSubject], positive: list[dict], latent_size: tuple[int, int]) -> None:
+    """Refuse a sampler whose positive conditionings (ComfyUI's cond dicts) carry none of the subjects, or whose
+    latent has another aspect ratio than the mask of a subject they carry."""
+    contexts = [cond["cross_attn"] for cond in positive if cond.get("cross_attn") is not None]
+    found = [subject for subject in subjects
+             if any(find_subject_tokens(context, [0], subject.signature) for context in contexts)]
+    if not found:
+        words = ", ".join(dict.fromkeys(f"'{s.source.word}'" for s in subjects if s.source.word))  # subject_N have none
+        raise ValueError(f"no positive conditioning of this sampler carries a subject token of the patched MODEL"
+                         f"{f' (subjects {words})' if words else ''}: connect the conditioning from the subject encode "
+                         f"node (Nested Attention Encode / FastComposer Encode) to both the patch node and the "
+                         f"sampler's positive input")
+    for subject in found:
+        if subject.mask is not None:
+            try:
+                check_mask_fits(tuple(subject.mask.shape), latent_size)
+            except ValueError as error:  # the same message, naming the subject
+                raise ValueError(f"subject '{subject.source.word}': {error}") from None
+
+
 def add_subject_patch(model, subjects: list[PatchedSubject], recording: AttentionRecording | None = None):
     """A clone of model whose cross-attention renders these subjects (and records, if asked)."""
     patched = model.clone()
@@ -92,21 +117,22 @@ def add_subject_patch(model, subjects: list[PatchedSubject], recording: Attentio
         known = {id(subject.signature) for subject in current.subjects} if current is not None else set()
         patch = SubjectAttentionPatch([s for s in subjects if id(s.signature) not in known], recording,
                                       patched.model_options.get("model_function_wrapper"),
-                                      {block: replaced.get(block) for block in blocks})
+                                      {block: replaced.get(block) for block in blocks}, below=current)
     patch.install(patched)
     return patched
 
 
 class SubjectAttentionPatch:
-    """A model wrapper that finds the subject tokens, and the attn2 replacements that act on them."""
+    """A model wrapper that finds the subject tokens, the attn2 replacements that act on them, and the check made when
+    sampling starts."""
 
     def __init__(self, subjects: list[PatchedSubject], recording: AttentionRecording | None, previous_wrapper,
-                 previous_attn2: dict):
+                 previous_attn2: dict, below: "SubjectAttentionPatch | None" = None):
         self.subjects, self.recording = subjects, recording
         self.previous_wrapper, self.previous_attn2 = previous_wrapper, previous_attn2
+        self.below = below  # the patch this one was stacked over (another pack's wrapper between them), still acting
         self.options_key = f"{PATCH_KEY}_{id(self)}"
         self._device_cache: dict = {}
-        self._warned = False
 
     def __deepcopy__(self, memo):  # shared by the clones of the patched model, like the functions that use it
         return self
@@ -119,23 +145,32 @@ class SubjectAttentionPatch:
             if known is None or (known.mask is None and known.nested is None):
                 merged[id(subject.signature)] = subject
         return SubjectAttentionPatch(list(merged.values()), recording or self.recording, self.previous_wrapper,
-                                     self.previous_attn2)
+                                     self.previous_attn2, self.below)
 
     def install(self, model) -> None:
         model.set_model_unet_function_wrapper(self.wrapper)
         for block, previous in self.previous_attn2.items():
             model.set_model_attn2_replace(self._attn2(previous), *block)
         model.model_options["transformer_options"][PATCH_KEY] = self
-        if self.recording is not None:
-            wrappers = model.model_options["transformer_options"].setdefault("wrappers", {})
-            wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).pop(PATCH_KEY, None)
-            comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY,
-                                                         self._reset_recording, model.model_options, is_model_options=True)
+        wrappers = model.model_options["transformer_options"].setdefault("wrappers", {})
+        wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).pop(PATCH_KEY, None)  # this one covers it
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY,
+                                                     self._start_sampling, model.model_options, is_model_options=True)
 
-    def _reset_recording(self, executor, *args, **kwargs):
-        """Each sampling run records afresh (a cached recording node is reused by the next run)."""
-        self.recording.recorder.reset()
-        return executor(*args, **kwargs)
+    def _stack(self) -> list["SubjectAttentionPatch"]:
+        return [self] + (self.below._stack() if self.below is not None else [])
+
+    def _start_sampling(self, executor, noise, *args, **kwargs):
+        """Once per sampling run: check what the sampler was given, then record afresh (a cached recording node is
+        reused by the next run)."""
+        conds = getattr(executor.class_obj, "conds", None) or {}
+        if "positive" in conds:  # every guider of ComfyUI's has one; another pack's may name its conds otherwise
+            check_sampling_inputs([subject for patch in self._stack() for subject in patch.subjects],
+                                  conds["positive"], tuple(noise.shape[-2:]))
+        for patch in self._stack():
+            if patch.recording is not None:
+                patch.recording.recorder.reset()
+        return executor(noise, *args, **kwargs)
 
     def wrapper(self, apply_model, args):
         conditioning, sigma = args["c"], float(args["timestep"].max())
@@ -144,17 +179,10 @@ class SubjectAttentionPatch:
             if subject.active(sigma):
                 for token_index in find_subject_tokens(conditioning["c_crossattn"], args["cond_or_uncond"], subject.signature):
                     found.append((subject, token_index.cpu()))  # once per step; layers read it on the host
-        for subject, _ in found:
-            if subject.mask is not None:
-                check_mask_fits(tuple(subject.mask.shape), tuple(args["input"].shape[-2:]))
         if found:
             record = self.recording is not None and self.recording.active(sigma)
             options = {**conditioning.get("transformer_options", {}), self.options_key: (found, record)}
             args = {**args, "c": {**conditioning, "transformer_options": options}}
-        elif 0 in args["cond_or_uncond"] and not self._warned and any(s.active(sigma) for s in self.subjects):
-            logging.warning("subject personalization: no subject token found in the positive conditioning; "
-                            "connect the conditioning from the subject encode node to both the patch and the sampler")
-            self._warned = True
         if self.previous_wrapper is not None:
             return self.previous_wrapper(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])

@@ -5,6 +5,7 @@ from pathlib import Path
 import folder_paths
 
 from ..encoders.subject_preparation import INSIGHTFACE_MODEL_FILES, load_face_analysis, prepare_faces, prepare_with_mask
+from .input_checks import checked_inputs
 from .subjects import CATEGORY as PACK_CATEGORY
 
 CATEGORY = f"{PACK_CATEGORY}/preparation"
@@ -33,6 +34,7 @@ class PrepareSubjectWithMask:
             "background": (list(BACKGROUNDS), {"default": "black", "tooltip": "What replaces everything outside the mask."}),
         }}
 
+    @checked_inputs()
     def prepare(self, image, mask, size, margin, background):
         return prepare_with_mask(image, mask, size, margin, BACKGROUNDS[background])
 
@@ -65,6 +67,7 @@ class PrepareFace:
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Side of the aligned crop."}),
         }}
 
+    @checked_inputs()
     def prepare(self, image, model, face_index, size):
         analysis = face_analysis(str(insightface_root()), model)
         faces, _ = prepare_faces(analysis, image, None if face_index < 0 else face_index, size)

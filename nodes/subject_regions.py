@@ -1,5 +1,6 @@
 """Regional subject masks as nodes: draw a box mask, and apply subject masks to a MODEL (FastComposer lists)."""
 from ..attention.subject_masks import region_mask
+from .input_checks import checked_inputs
 from .subject_patch import PatchedSubject, add_subject_patch
 from .subjects import CATEGORY as PACK_CATEGORY, bindings_of
 
@@ -26,6 +27,7 @@ class SubjectRegionMask:
             "bottom": fraction(1.0, "Bottom edge of the region, as a fraction of the height."),
         }}
 
+    @checked_inputs(("left", "right"), ("top", "bottom"))
     def mask(self, width, height, left, top, right, bottom):
         return (region_mask(height, width, left, top, right, bottom)[None],)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention.subject_masks import as_single_mask, feather_mask
+from .input_checks import checked_inputs
 
 CATEGORY = "subject personalization"
 BINDINGS_KEY = "subject_bindings"  # in a CONDITIONING's dict: ((Subject, signature), ...)
@@ -37,13 +38,10 @@ def with_mask(subject: Subject, mask: torch.Tensor | None, feather: int = 0) -> 
 
 
 def checked_subject(word: str, images: torch.Tensor, weight: float, start_percent: float, end_percent: float) -> Subject:
+    """A subject from a node's inputs, which `checked_inputs` has checked; the word is checked here."""
     word = word.strip()
     if not word:
-        raise ValueError("give the subject a word that appears in the prompt, e.g. 'person'")
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"the subject's image is empty or not an IMAGE batch (shape {tuple(images.shape)})")
-    if start_percent >= end_percent:
-        raise ValueError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
+        raise ValueError("the subject's word is empty: give the word of the prompt that stands for it, e.g. 'person'")
     return Subject(word, images, None, weight, start_percent, end_percent)
 
 
@@ -92,6 +90,7 @@ class AddSubject:
                              **SUBJECT_INPUTS},
                 "optional": MASK_INPUTS}
 
+    @checked_inputs(("start_percent", "end_percent"))
     def add(self, image, word, weight, start_percent, end_percent, subjects=None, mask=None, mask_feather=0):
         subject = checked_subject(word, image, weight, start_percent, end_percent)
         return (append_subject(subjects, with_mask(subject, mask, mask_feather)),)

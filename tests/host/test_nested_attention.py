@@ -1,5 +1,6 @@
 """Nested Attention patched into a real ComfyUI SD1.5 UNet: the contract of the patch, in the host."""
 import copy
+import dataclasses
 import math
 import sys
 
@@ -40,6 +41,22 @@ def nested(fastcomposer_models, node):
 
 def apply(node, model, positive, strength=1.0):
     return node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)[0]
+
+
+def subject_patch_module(node):
+    """The patch module of the pack as ComfyUI loaded it (from custom_nodes), which the nodes use."""
+    return sys.modules[type(node("ApplyNestedAttention")).__module__.rsplit(".", 1)[0] + ".subject_patch"]
+
+
+def narrow_adapter(family):
+    """An adapter with the family's layer table and context width but 64-wide nested maps and a small encoder: what
+    the trainer makes for a small test UNet, and an SDXL adapter without SDXL's size."""
+    from subject_personalization.encoders.nested_adapter import NestedAdapter
+    from subject_personalization.encoders.subject_resampler import ResamplerConfig
+    from subject_personalization.encoders.unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, cross_attention_layers
+    layers = [CrossAttentionLayer(layer.key, layer.block, 64, 1) for layer in cross_attention_layers(family)]
+    encoder = ResamplerConfig(num_queries=4, depth=1, width=64, heads=4, output_width=CONTEXT_WIDTH[family])
+    return NestedAdapter(family, encoder, "person", "person", layers=layers).eval().requires_grad_(False)
 
 
 
@@ -121,8 +138,7 @@ def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcom
     """cond + uncond in one batch: in every layer ComfyUI's kernel runs on the uncond row only and subject attention
     on the cond row only, and the uncond row's output is the kernel's on the whole batch, bit for bit."""
     from comfy.ldm.modules.attention import optimized_attention
-    # The patch module of the pack as ComfyUI loaded it (from custom_nodes), which the node uses.
-    subject_patch = sys.modules[type(node("ApplyNestedAttention")).__module__.rsplit(".", 1)[0] + ".subject_patch"]
+    subject_patch = subject_patch_module(node)
     subject_attention = subject_patch.subject_attention
     kernel_rows, subject_rows, calls = [], [], []
 
@@ -217,3 +233,82 @@ def test_conditioning_without_subjects_is_refused(fastcomposer_models, nested, n
 def test_subject_word_missing_from_the_prompt_is_refused(fastcomposer_models, nested, node):
     with pytest.raises(ValueError, match="'dog' is not in the prompt"):
         node("NestedAttentionEncode").encode(fastcomposer_models[1], nested["subjects"], "a photo of a person")
+
+
+def test_a_patched_model_sampled_without_its_subjects_is_refused_before_the_first_step(fastcomposer_models, nested,
+                                                                                        node):
+    """The sampler's positive must carry a subject token of the patch: an ordinary CLIP Text Encode does not, and
+    the negative never counts."""
+    model, clip = fastcomposer_models[:2]
+    patched = apply(node, model, nested["positive"])
+    unet_calls = []
+    wrapper = patched.model_options["model_function_wrapper"]
+    patched.set_model_unet_function_wrapper(lambda apply_model, args: unet_calls.append(1) or wrapper(apply_model, args))
+    (plain_prompt,) = node("CLIPTextEncode").encode(clip, "a photo of a cat on the beach")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    message = (r"no positive conditioning of this sampler carries a subject token of the patched MODEL \(subjects "
+               r"'person', 'dog'\): connect the conditioning from the subject encode node \(Nested Attention Encode / "
+               r"FastComposer Encode\) to both the patch node and the sampler's positive input")
+    for positive, negative in ((plain_prompt, nested["negative"]), (nested["negative"], nested["positive"])):
+        with pytest.raises(ValueError, match=message):
+            node("KSampler").sample(patched, 0, 1, 5.0, "ddim", "ddim_uniform", positive, negative, latent)
+    assert not unet_calls
+
+
+def test_one_positive_of_several_carrying_the_subjects_is_enough_and_is_checked_once_per_run(fastcomposer_models,
+                                                                                              nested, node,
+                                                                                              monkeypatch):
+    """Another positive without subjects next to it, and subjects acting on the second half of the schedule only
+    (not at the first step): no error; the check runs when sampling starts, not at each step."""
+    model, clip = fastcomposer_models[:2]
+    subject_patch = subject_patch_module(node)
+    check, checks = subject_patch.check_sampling_inputs, []
+    monkeypatch.setattr(subject_patch, "check_sampling_inputs", lambda *args: checks.append(1) or check(*args))
+    late = node("ApplyNestedAttention").apply(model, nested["positive"], 1.0, 0.5, 1.0)[0]
+    (street,) = node("CLIPTextEncode").encode(clip, "a quiet street")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    node("KSampler").sample(late, 0, 2, 5.0, "ddim", "ddim_uniform", street + nested["positive"], nested["negative"],
+                            latent)
+    assert len(checks) == 1
+
+
+def test_a_patch_stacked_over_another_packs_wrapper_checks_the_subjects_below_it(fastcomposer_models, nested, node):
+    """Record Subject Attention on a model another pack wrapped after Apply Nested Attention stacks a second patch,
+    whose subjects are all in the first: the check when sampling starts sees both."""
+    patched = apply(node, fastcomposer_models[0], nested["positive"])
+    ours = patched.model_options["model_function_wrapper"]
+    patched.set_model_unet_function_wrapper(lambda apply_model, args: ours(apply_model, args))  # a wrapper that chains
+    recorded, _ = node("RecordSubjectAttention").record(patched, nested["positive"], "all", 0.0, 1.0)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    node("KSampler").sample(recorded, 0, 1, 5.0, "ddim", "ddim_uniform", nested["positive"], nested["negative"], latent)
+    with pytest.raises(ValueError, match=r"no positive conditioning of this sampler carries .* \(subjects 'person', "
+                                         r"'dog'\)"):
+        node("KSampler").sample(recorded, 0, 1, 5.0, "ddim", "ddim_uniform", nested["negative"], nested["negative"],
+                                latent)
+
+
+def test_an_adapter_for_another_base_model_is_refused_and_nothing_is_patched(fastcomposer_models, nested, node):
+    from subject_personalization.nodes.subjects import BINDINGS_KEY
+    model, clip, _, clip_vision, _ = fastcomposer_models
+    before = copy.deepcopy(model.model_options)
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    sdxl_adapter = narrow_adapter("sdxl")
+    (sdxl_subjects,) = node("NestedAttentionSubject").encode(sdxl_adapter, clip_vision, photo, "person", 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"is for sdxl \(text encoders \['g', 'l'\]\) but this CLIP has text encoders "
+                                         r"\['l'\]: use the CLIP of the model the adapter was made for"):
+        node("NestedAttentionEncode").encode(clip, sdxl_subjects, PROMPT)
+    # An SD1.5 CLIP with an SDXL adapter is refused above; a conditioning that binds one anyway (made by hand here)
+    # is refused by the patch node, whose MODEL is SD1.5.
+    cond, options = nested["positive"][0]
+    (person, signature), *others = options[BINDINGS_KEY]
+    swapped = [[cond, {**options, BINDINGS_KEY: ((dataclasses.replace(person, adapter=sdxl_adapter), signature),
+                                                 *others)}]]
+    with pytest.raises(ValueError, match=r"trained for sdxl \(context 2048\) but the MODEL is sd15 \(context 768\)"):
+        apply(node, model, swapped)
+    (narrow_subjects,) = node("NestedAttentionSubject").encode(narrow_adapter("sd15"), clip_vision, photo, "person",
+                                                               1.0, 0.0, 1.0)
+    (narrow_positive,) = node("NestedAttentionEncode").encode(clip, narrow_subjects, PROMPT)
+    with pytest.raises(ValueError, match=r"made for a UNet whose attn2 layers differ from this MODEL's .*use an "
+                                         r"adapter made for this model"):
+        apply(node, model, narrow_positive)
+    assert model.model_options == before and not model.patches

@@ -130,12 +130,19 @@ def test_a_mask_of_all_ones_changes_nothing_and_masks_change_the_output(fastcomp
 
 
 def test_mask_errors_are_clear_and_the_model_is_never_mutated(fastcomposer_models, node, fastcomposer):
-    model = fastcomposer_models[0]
+    model, clip = fastcomposer_models[:2]
     before = copy.deepcopy(model.model_options)
     wide = fastcomposer(PLAIN_PROMPT, subject_list(node, ("man", image(1), {"mask": torch.ones(1, 64, 128)})))
     patched = node("ApplySubjectMasks").apply(model, wide)[0]
-    with pytest.raises(ValueError, match="subject mask is 128x64 but the image being generated is 64x64"):
-        run_wrapped(patched, [wide[1][0]], [0])
+    unet_calls = []
+    wrapper = patched.model_options["model_function_wrapper"]
+    patched.set_model_unet_function_wrapper(lambda apply_model, args: unet_calls.append(1) or wrapper(apply_model, args))
+    (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match=r"subject 'man': a subject mask is 128x64 but the image being generated is "
+                                         r"64x64 \(another aspect ratio\): make the mask at the image's size"):
+        node("KSampler").sample(patched, 0, 1, 5.0, "ddim", "ddim_uniform", wide, negative, latent)
+    assert not unet_calls, "refused when sampling starts, before the first UNet call"
     with pytest.raises(ValueError, match="a subject takes one mask, got a batch of 2"):
         subject_list(node, ("man", image(1), {"mask": torch.ones(2, 64, 64)}))
     with pytest.raises(ValueError, match="no subject in this conditioning has a mask"):
@@ -143,6 +150,11 @@ def test_mask_errors_are_clear_and_the_model_is_never_mutated(fastcomposer_model
     with pytest.raises(ValueError, match="binds 1 subject"):
         fastcomposer("a man <|image|> alone", subject_list(node, ("man", image(1), {}), ("woman", image(2), {})))
     assert model.model_options == before
+
+
+def test_a_subject_word_missing_from_the_prompt_is_refused(node, fastcomposer):
+    with pytest.raises(ValueError, match="subject word 'woman' is not in the prompt"):
+        fastcomposer("a man and a dog reading", subject_list(node, ("man", image(1), {}), ("woman", image(2), {})))
 
 
 def test_recorded_maps_are_per_subject_probabilities_in_their_regions(fastcomposer_models, masked, node):
