@@ -12,7 +12,7 @@ import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -129,12 +129,17 @@ def read_safetensors_header(path: str | Path, fix: str = REPLACE_FILE) -> Safete
     return SafetensorsHeader(metadata, *_check_entries(path, header, size - 8 - length, fix))
 
 
-def read_safetensors(path: str | Path, fix: str = REPLACE_FILE) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file whose header passed `read_safetensors_header`."""
+def read_safetensors(path: str | Path, fix: str = REPLACE_FILE,
+                     keys: Sequence[str] | None = None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose header passed `read_safetensors_header`; `keys`: read only these
+    tensors (each must be in the file)."""
     header = read_safetensors_header(path, fix)
+    missing = [key for key in keys or () if key not in header.shapes]
+    if missing:
+        raise UnreadableFile(path, f"it has no tensor {', '.join(missing)}", fix)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return header.metadata, {key: f.get_tensor(key) for key in f.keys()}
+            return header.metadata, {key: f.get_tensor(key) for key in (f.keys() if keys is None else keys)}
     except (SafetensorError, OSError) as error:  # what the header check cannot see, e.g. a read error
         raise UnreadableFile(path, f"its tensors could not be read ({error})", fix) from None
 
@@ -166,18 +171,43 @@ def read_pickle(path: str | Path, fix: str = REPLACE_FILE, memory_map: bool = Fa
         raise UnreadableFile(path, _pickle_problem(error), fix) from None
 
 
-def read_state_dict(path: str | Path, fix: str = REPLACE_FILE) -> dict[str, torch.Tensor]:
-    """A flat tensor dict from .safetensors or a PyTorch pickle (memory-mapped, weights-only)."""
+def flat_state_dict(value: object, grouped: bool = False) -> dict[str, torch.Tensor]:
+    """A dict of tensors as it is; with `grouped`, also a dict whose values are dicts of tensors (IP-Adapter's .bin:
+    {"image_proj": {...}, "ip_adapter": {...}}), flattened to "<group>.<key>" as its .safetensors form names them.
+    ValueError saying what the value holds instead."""
+    expected = "a flat dict of tensors" + (" or a dict of such dicts" if grouped else "")
+    if not isinstance(value, dict):
+        raise ValueError(f"it holds a {type(value).__name__}, not {expected}")
+    entries = {}
+    for key, entry in value.items():
+        inner = entry.items() if grouped and isinstance(entry, dict) else [(None, entry)]
+        for name, tensor in inner:
+            where = repr(key) if name is None else f"{key!r} / {name!r}"
+            if not isinstance(key, str) or not isinstance(name, (str, type(None))):
+                raise ValueError(f"its entry {where} is not named by text: it is not {expected}")
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"its entry {where} is a {type(tensor).__name__}, not a tensor: it is not {expected}")
+            flat_key = key if name is None else f"{key}.{name}"
+            if flat_key in entries:
+                raise ValueError(f"it names the tensor {flat_key} twice, flat and grouped")
+            entries[flat_key] = tensor
+    return entries
+
+
+def read_state_dict(path: str | Path, fix: str = REPLACE_FILE, grouped: bool = False) -> dict[str, torch.Tensor]:
+    """A flat tensor dict from .safetensors or a PyTorch pickle (memory-mapped, weights-only); `grouped`: a pickle may
+    also be a dict of dicts of tensors, flattened as `flat_state_dict` says."""
     path = _existing(path, fix)
     if path.suffix in SAFETENSORS_SUFFIXES:
         return read_safetensors(path, fix)[1]
     if path.suffix not in PICKLE_SUFFIXES:
         raise UnreadableFile(path, f"expected a .safetensors file or a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)}), "
                                    f"not {path.suffix or 'a file without extension'}", fix)
-    state_dict = read_pickle(path, fix, memory_map=True)
-    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise UnreadableFile(path, f"it holds a {type(state_dict).__name__}, not a flat dict of tensors", fix)
-    return state_dict
+    value = read_pickle(path, fix, memory_map=True)
+    try:
+        return flat_state_dict(value, grouped)
+    except ValueError as error:
+        raise UnreadableFile(path, str(error), fix) from None
 
 
 def check_model_file(path: str | Path, fix: str = REPLACE_FILE) -> None:

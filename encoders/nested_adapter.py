@@ -6,7 +6,8 @@ File format: safetensors. Tensors are the `NestedAdapter` state dict (`resampler
   base_family, context_width "sd15" | "sdxl", "768" | "2048"
   layers                     [{"key", "inner_dim", "heads"}] of every attn2 layer (see unet_layers.py)
   encoder                    ResamplerConfig as a dict
-  clip_vision                {"name": "ViT-L/14", "hidden_width": 1024, "hidden_state": "penultimate" | "last",
+  clip_vision                {"name": "ViT-L/14" | "ViT-H/14" | "ViT-bigG/14", "hidden_width": 1024 | 1280 | 1664,
+                              "hidden_state": "penultimate" | "last",
                               "trained_layers": N}: the adapter carries its own copies (`vision_layers.*`) of the
                               N CLIP vision layers that end at hidden_state, and is fed the hidden state before them
   subject_domain, initializer_word, placeholder_word, special_token_weight
@@ -28,7 +29,7 @@ from .vision_layers import VisionLayer, run_vision_layers, stored_vision_layers
 
 FORMAT_NAME = "nested_attention_adapter"
 FORMAT_VERSION = "1"
-CLIP_VISION = {1024: "ViT-L/14", 1280: "ViT-H/14"}
+CLIP_VISION = {1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}  # by hidden width
 VISION_HIDDEN_STATES = ("penultimate", "last")  # ComfyUI's penultimate_hidden_states / last_hidden_state
 TEXT_ENCODER_WIDTHS = {"sd15": {"l": 768}, "sdxl": {"l": 768, "g": 1280}}
 # The resampler's internal width per family when the trainer does not override it.
@@ -236,6 +237,36 @@ def load_nested_adapter(path: str | Path) -> NestedAdapter:
     return adapter
 
 
+def placeholder_state(base_family: str, initializer_embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subject token's input embedding per text encoder, as the adapter's `placeholder_embeddings.<l|g>` tensors;
+    ValueError unless there is one embedding of the right width per text encoder of the family."""
+    check_family(base_family)
+    widths = TEXT_ENCODER_WIDTHS[base_family]
+    if set(initializer_embeddings) != set(widths):
+        raise ValueError(f"{base_family} needs initializer embeddings for text encoders {sorted(widths)}, "
+                         f"got {sorted(initializer_embeddings)}")
+    for name, width in widths.items():
+        if initializer_embeddings[name].numel() != width:
+            raise ValueError(f"the initializer embedding for text encoder {name} has "
+                             f"{initializer_embeddings[name].numel()} values, expected {width}")
+    return {f"placeholder_embeddings.{name}": initializer_embeddings[name].reshape(width) for name, width in widths.items()}
+
+
+def assembled_adapter(base_family: str, encoder: ResamplerConfig, state: dict[str, torch.Tensor],
+                      layers: list[CrossAttentionLayer], **options) -> NestedAdapter:
+    """A NestedAdapter holding exactly `state`'s tensors (dtypes kept, nothing copied), built on the meta device once
+    every tensor's name and shape is found to fit (for importers: an imported file fills all of it); `options`: the
+    NestedAdapter's other arguments. ValueError listing the tensors that do not fit."""
+    with torch.device("meta"):  # no allocation or random init: every tensor comes from `state`
+        adapter = NestedAdapter(base_family, encoder, layers=layers, **options)
+    problems = shape_differences({key: tuple(value.shape) for key, value in adapter.state_dict().items()},
+                                 {key: tuple(tensor.shape) for key, tensor in state.items()})
+    if problems:
+        raise ValueError(f"its tensors do not fill a nested adapter: {'; '.join(problems)}")
+    adapter.load_state_dict(state, assign=True)
+    return adapter
+
+
 @torch.no_grad()
 def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str, initializer_word: str,
                        initializer_embeddings: dict[str, torch.Tensor], initializer_context: torch.Tensor,
@@ -247,11 +278,7 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
     `initializer_context` (the initializer word's context vector, width D) and A_k, A_v are the base to_k, to_v,
     so the nested value of s* is the base model's value of the initializer word. `base_vision_layers`: state dicts
     of the CLIP vision layers that end at `vision_hidden_state`, copied in for fine-tuning."""
-    check_family(base_family)
-    widths = TEXT_ENCODER_WIDTHS[base_family]
-    if set(initializer_embeddings) != set(widths):
-        raise ValueError(f"{base_family} needs initializer embeddings for text encoders {sorted(widths)}, "
-                         f"got {sorted(initializer_embeddings)}")
+    placeholders = placeholder_state(base_family, initializer_embeddings)
     encoder = ResamplerConfig(**{"vision_width": vision_width, "output_width": CONTEXT_WIDTH[base_family],
                                  **DEFAULT_ENCODER[base_family], **encoder_overrides})
     with torch.random.fork_rng(devices=[]):
@@ -273,8 +300,8 @@ def new_nested_adapter(base_family: str, vision_width: int, subject_domain: str,
                          f"{base_family} context width {encoder.output_width}")
     resampler.base_token.copy_(initializer_context.reshape(-1))
     adapter.projections.init_from_base(base_to_k, base_to_v)
-    for encoder_name, width in widths.items():
-        adapter.placeholder_embeddings[encoder_name].copy_(initializer_embeddings[encoder_name].reshape(width))
+    for key, embedding in placeholders.items():
+        adapter.get_parameter(key).copy_(embedding)
     return adapter
 
 

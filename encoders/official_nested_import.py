@@ -1,47 +1,57 @@
 """Import the official Nested Attention demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder, SDXL) into this
-pack's adapter format.
+pack's adapter format, from the file in one step, or once on the command line (run from the pack's folder):
+
+    python -m encoders.official_nested_import SOURCE [DEST.safetensors] --base SDXL_CHECKPOINT [--initializer-word person]
 
 What was verified, and what is assumed. The Space's files (nested_attention_processor.py, nested_attention_pipeline.py,
 resampler.py) were NOT available to read when this was written; nothing here is checked against the real file.
 Known (METHODS.md §2): SDXL base; a module called a resampler; a placeholder token added to both SDXL text encoders
-with its embedding copied from an initializer word (so the embedding need not be stored: the caller supplies it).
-Assumed layout, after the IP-Adapter-Plus resampler the file name suggests:
-  <p>latents                     (1, M, width)       learned queries
-  <p>proj_in.{weight,bias}       (width, W_vision)
-  <p>layers.<i>.0.norm1.*        LayerNorm of image tokens     <p>layers.<i>.0.norm2.*  LayerNorm of the queries
-  <p>layers.<i>.0.to_q.weight, to_kv.weight, to_out.weight   (no biases; attention over [image; queries])
-  <p>layers.<i>.1.0.* / 1.1.weight / 1.3.weight             feed-forward LayerNorm, Linear, (GELU), Linear
-  <p>proj_out.{weight,bias}, <p>norm_out.*                   output = norm_out(proj_out(queries))
-  (<p> is whatever prefix precedes `latents`; head size assumed 64, as in IP-Adapter-Plus.)
-  <diffusers attn2 name>[.processor].to_k_<s>.weight / to_v_<s>.weight, s in nest|nested|ip: A_k, A_v per layer.
-Any key outside these patterns is refused with the list of unknown keys, so a wrong assumption fails loudly.
+with its embedding copied from an initializer word (so the embedding need not be stored: the caller supplies it, or
+the command line reads it from the SDXL checkpoint). Accepted layouts, every plausible one, as one state dict:
+  - a .safetensors with flat keys, or a weights-only pickle that is a flat dict or a dict of dicts of tensors
+    ({"image_proj": {...}, "ip_adapter": {...}} is read as image_proj.<key>, ip_adapter.<key>);
+  - the resampler in IP-Adapter's naming (ipadapter_plus.py lists it), under whatever prefix precedes `latents`,
+    its attention width free (heads = attention width / 64), with IP-Adapter's optional `pos_emb` and
+    `to_latents_from_mean_pooled_seq`; output = norm_out(proj_out(queries)), no base token;
+  - per attn2 layer A_k, A_v as to_{k,v}_<s>.weight, s in nest | nested | ip, addressed either by diffusers module
+    name, `[<p>.]<diffusers attn2 name>[.processor].to_k_<s>[.0].weight` (.0: diffusers' per-adapter ModuleList), or by
+    IP-Adapter's number, `[<p>.]<i>.to_k_<s>.weight` with i odd in 1..139 (unet_layers.ip_adapter_layers).
+Every layer width and resampler size comes from the tensors. Any other key is refused with the list of such keys.
 """
+import argparse
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint_io import UnreadableFile, read_state_dict, shape_differences
-from .nested_adapter import NestedAdapter
-from .subject_resampler import ResamplerConfig
-from .unet_layers import from_diffusers_name, layer_key
+from .checkpoint_io import UnreadableFile, flat_state_dict, read_safetensors, read_state_dict
+from .ipadapter_plus import ip_resampler_config, resampler_key
+from .nested_adapter import NestedAdapter, assembled_adapter, placeholder_state, save_nested_adapter
+from .unet_layers import from_diffusers_name, ip_adapter_layers, layer_key, layers_with_widths
 
-ASSUMED_HEAD_SIZE = 64
 IMPORT_FIX = ("give the official demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder), copied or downloaded "
               "again if it was damaged")
-_PROJECTION = re.compile(r"^(?:.*?\.)?((?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
-                         r"\.attn2)(?:\.processor)?\.to_([kv])_(?:nest|nested|ip)\.weight$")
-_RESAMPLER = {  # official name (after the prefix) -> ours (under `resampler.`); <i> is the block index
-    "latents": "queries", "proj_in.weight": "proj_in.weight", "proj_in.bias": "proj_in.bias",
-    "proj_out.weight": "proj_out.weight", "proj_out.bias": "proj_out.bias",
-    "norm_out.weight": "norm_out.weight", "norm_out.bias": "norm_out.bias",
+BASE_FIX = "give the SDXL base checkpoint (.safetensors) the adapter is for, as ComfyUI's Load Checkpoint reads it"
+SDXL_TOKEN_EMBEDDINGS = {  # text encoder -> its input embedding table in an SDXL checkpoint
+    "l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+    "g": "conditioner.embedders.1.model.token_embedding.weight",
 }
-_BLOCK = {
-    "0.norm1.weight": "0.norm_image.weight", "0.norm1.bias": "0.norm_image.bias",
-    "0.norm2.weight": "0.norm_queries.weight", "0.norm2.bias": "0.norm_queries.bias",
-    "0.to_q.weight": "0.to_q.weight", "0.to_kv.weight": "0.to_kv.weight", "0.to_out.weight": "0.to_out.weight",
-    "1.0.weight": "1.0.weight", "1.0.bias": "1.0.bias", "1.1.weight": "1.1.weight", "1.3.weight": "1.3.weight",
-}
+_SUFFIX = r"\.to_([kv])_(?:nest|nested|ip)"
+_BY_NAME = re.compile(r"^(?:.*?\.)?((?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
+                      rf"\.attn2)(?:\.processor)?{_SUFFIX}(?:\.0)?\.weight$")
+_BY_NUMBER = re.compile(rf"^(?:.*\.)?(\d+){_SUFFIX}\.weight$")
+
+
+def _target(key: str, resampler_prefix: str, numbered: dict) -> str | None:
+    """The adapter key an official key fills, or None when no accepted layout names it."""
+    if key.startswith(resampler_prefix) and (local := resampler_key(key[len(resampler_prefix):])) is not None:
+        return local
+    by_name, by_number = _BY_NAME.match(key), _BY_NUMBER.match(key)
+    if by_name is not None:
+        return f"projections.maps.{layer_key(from_diffusers_name(by_name.group(1)))}.to_{by_name.group(2)}.weight"
+    if by_number is not None and int(by_number.group(1)) in numbered:
+        return f"projections.maps.{numbered[int(by_number.group(1))].key}.to_{by_number.group(2)}.weight"
+    return None
 
 
 def _rename(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -49,58 +59,105 @@ def _rename(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     latents = [key for key in state_dict if key == "latents" or key.endswith(".latents")]
     if len(latents) != 1:
         raise ValueError(f"expected exactly one resampler 'latents' tensor, found {latents or 'none'}")
-    prefix = latents[0][:-len("latents")]
-    renamed, unknown = {}, []
+    prefix, numbered = latents[0][:-len("latents")], ip_adapter_layers("sdxl")
+    renamed, sources, unknown = {}, {}, []
     for key, tensor in state_dict.items():
-        local = key[len(prefix):] if key.startswith(prefix) else None
-        block = re.match(r"^layers\.(\d+)\.(.+)$", local) if local is not None else None
-        projection = _PROJECTION.match(key)
-        if local in _RESAMPLER:
-            renamed[f"resampler.{_RESAMPLER[local]}"] = tensor
-        elif block is not None and block.group(2) in _BLOCK:
-            renamed[f"resampler.blocks.{block.group(1)}.{_BLOCK[block.group(2)]}"] = tensor
-        elif projection is not None:
-            layer = layer_key(from_diffusers_name(projection.group(1)))
-            renamed[f"projections.maps.{layer}.to_{projection.group(2)}.weight"] = tensor
-        else:
+        target = _target(key, prefix, numbered)
+        if target is None:
             unknown.append(key)
+        elif target in sources:
+            raise ValueError(f"keys {sources[target]} and {key} both give {target}")
+        else:
+            renamed[target], sources[target] = tensor, key
     return renamed, unknown
 
 
-def import_official_nested(state_dict: dict[str, torch.Tensor], initializer_word: str,
-                           initializer_embeddings: dict[str, torch.Tensor], subject_domain: str = "person",
-                           placeholder_word: str = "<person>", special_token_weight: float = 1.0) -> NestedAdapter:
-    """Build a NestedAdapter (sdxl) from the official checkpoint's tensors, under the layout assumed above; every size
-    is read from the tensors (depth from the blocks present) and every tensor's shape is checked before loading.
+def import_official_nested(state_dict: dict, initializer_word: str, initializer_embeddings: dict[str, torch.Tensor],
+                           subject_domain: str = "person", placeholder_word: str = "<person>",
+                           special_token_weight: float = 1.0) -> NestedAdapter:
+    """Build a NestedAdapter (sdxl) from the official checkpoint's tensors (a flat dict, or a dict of dicts of tensors),
+    in any layout the module docstring lists; every size is read from the tensors (depth from the blocks present, each
+    layer's width from its maps) and every tensor's shape is checked before loading; dtypes are kept.
     `initializer_embeddings`: the initializer word's input embedding in the "l" (768) and "g" (1280) text encoders
     (the demo copies it into the new token at load time, so the checkpoint is not expected to hold it)."""
-    renamed, unknown = _rename(state_dict)
+    renamed, unknown = _rename(flat_state_dict(state_dict, grouped=True))
     if unknown:
-        raise ValueError(f"{len(unknown)} keys do not fit the assumed official layout (see "
-                         f"encoders/official_nested_import.py): {', '.join(sorted(unknown)[:12])}")
-    shapes = {key: tuple(tensor.shape) for key, tensor in renamed.items()}
-    width = shapes["resampler.queries"][-1] if shapes["resampler.queries"] else 0  # a scalar is refused by from_shapes
-    encoder = ResamplerConfig.from_shapes(shapes, heads=max(width // ASSUMED_HEAD_SIZE, 1), norm_after_projection=True,
-                                          prefix="resampler.")
-    with torch.device("meta"):  # no allocation: every tensor is taken from the checkpoint
-        adapter = NestedAdapter("sdxl", encoder, subject_domain, initializer_word, placeholder_word,
-                                special_token_weight,
-                                {"source": "orpatashnik/NestedAttentionEncoder, imported under an assumed layout"})
-    renamed["resampler.base_token"] = torch.zeros(encoder.output_width)  # the official output has no base token
-    renamed.update({f"placeholder_embeddings.{name}": tensor.reshape(-1) for name, tensor in initializer_embeddings.items()})
-    problems = shape_differences({key: tuple(value.shape) for key, value in adapter.state_dict().items()},
-                                 {key: tuple(tensor.shape) for key, tensor in renamed.items()})
-    if problems:
-        raise ValueError(f"official checkpoint does not fill this format: {'; '.join(problems)}")
-    adapter.load_state_dict(renamed, assign=True)
-    return adapter
+        raise ValueError(f"{len(unknown)} keys fit no layout the official import accepts (see "
+                         f"encoders/official_nested_import.py): {', '.join(sorted(unknown)[:12])}"
+                         f"{f' and {len(unknown) - 12} more' if len(unknown) > 12 else ''}")
+    encoder = ip_resampler_config(renamed)
+    widths = {key.split(".")[2]: tensor.shape[0] for key, tensor in renamed.items()
+              if key.startswith("projections.maps.") and key.endswith(".to_k.weight") and tensor.ndim == 2}
+    renamed["resampler.base_token"] = torch.zeros(encoder.output_width, dtype=renamed["resampler.queries"].dtype)
+    renamed.update(placeholder_state("sdxl", initializer_embeddings))
+    return assembled_adapter("sdxl", encoder, renamed, layers_with_widths("sdxl", widths), subject_domain=subject_domain,
+                             initializer_word=initializer_word, placeholder_word=placeholder_word,
+                             special_token_weight=special_token_weight,
+                             provenance={"source": "orpatashnik/NestedAttentionEncoder, imported under an assumed layout"})
 
 
 def import_official_nested_file(path: str | Path, initializer_word: str, initializer_embeddings: dict[str, torch.Tensor],
                                 **options) -> NestedAdapter:
-    """`import_official_nested` on a file (safetensors, or a weights-only pickle), refused with the file's name."""
-    state_dict = read_state_dict(path, IMPORT_FIX)
+    """`import_official_nested` on a file (safetensors, or a weights-only pickle), refused with the file's name; the
+    adapter is named after the file and records it in its provenance."""
+    path = Path(path)
+    state_dict = read_state_dict(path, IMPORT_FIX, grouped=True)
     try:
-        return import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
+        adapter = import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
     except ValueError as error:  # the one place the import's structural problems get the file's name and the fix
         raise UnreadableFile(path, str(error), IMPORT_FIX) from None
+    adapter.name = path.stem
+    adapter.provenance["source_file"] = path.name
+    return adapter
+
+
+def sdxl_word_embeddings(checkpoint: str | Path, word: str, tokenizer_folder: str | Path) -> dict[str, torch.Tensor]:
+    """A single-token word's input embedding in both text encoders of an SDXL checkpoint: {"l": (768,), "g": (1280,)},
+    float32. The word is tokenized as ComfyUI does, with transformers' CLIPTokenizer on ComfyUI's sd1_tokenizer
+    folder (both SDXL text encoders share that vocabulary)."""
+    from transformers import CLIPTokenizer  # ComfyUI's own tokenizer library; only this command line needs it
+    if not all((Path(tokenizer_folder) / name).is_file() for name in ("vocab.json", "merges.txt")):
+        raise ValueError(f"{tokenizer_folder} holds no CLIP tokenizer (vocab.json, merges.txt): give ComfyUI's "
+                         f"comfy/sd1_tokenizer folder with --tokenizer")
+    ids = CLIPTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)(word)["input_ids"][1:-1]
+    if len(ids) != 1:
+        raise ValueError(f"the initializer word {word!r} is {len(ids)} tokens; choose a single-token word such as "
+                         f"'person', 'man' or 'dog'")
+    _, tables = read_safetensors(checkpoint, BASE_FIX, keys=list(SDXL_TOKEN_EMBEDDINGS.values()))
+    for key, table in tables.items():
+        if table.ndim != 2 or table.shape[0] <= ids[0]:
+            raise UnreadableFile(checkpoint, f"its {key} of shape {tuple(table.shape)} is no token embedding table "
+                                             f"holding token {ids[0]}", BASE_FIX)
+    return {name: tables[key][ids[0]].float() for name, key in SDXL_TOKEN_EMBEDDINGS.items()}
+
+
+def main() -> None:
+    comfyui = Path(__file__).resolve().parents[3]  # <ComfyUI>/custom_nodes/<pack>/encoders/this file
+    parser = argparse.ArgumentParser(description="Convert the official Nested Attention demo checkpoint (SDXL) into "
+                                                 "this pack's adapter format (models/nested_attention).")
+    parser.add_argument("source", help="the official checkpoint (.safetensors, or a PyTorch pickle read weights-only)")
+    parser.add_argument("destination", nargs="?", help="output .safetensors (default: beside the source)")
+    parser.add_argument("--base", required=True, help="the SDXL checkpoint (.safetensors) whose text encoders give the "
+                                                      "initializer word's embeddings")
+    parser.add_argument("--initializer-word", default="person", help="the word the subject token was copied from")
+    parser.add_argument("--subject-domain", default="person")
+    parser.add_argument("--placeholder-word", default="<person>")
+    parser.add_argument("--tokenizer", default=str(comfyui / "comfy" / "sd1_tokenizer"),
+                        help="ComfyUI's CLIP tokenizer folder (default: the one of the ComfyUI this pack is in)")
+    args = parser.parse_args()
+    source = Path(args.source)
+    destination = Path(args.destination or source.with_name(f"{source.stem}_nested_attention.safetensors"))
+    if destination.suffix != ".safetensors":
+        parser.error(f"the destination must end in .safetensors, got {destination.name}")
+    try:
+        embeddings = sdxl_word_embeddings(args.base, args.initializer_word, args.tokenizer)
+        adapter = import_official_nested_file(source, args.initializer_word, embeddings,
+                                              subject_domain=args.subject_domain, placeholder_word=args.placeholder_word)
+    except (ValueError, OSError) as error:  # a refusal already says what to do; no traceback for the user
+        parser.exit(1, f"{error}\n")
+    save_nested_adapter(destination, adapter)
+    print(f"wrote {destination}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,18 @@ ComfyUI addresses an attn2 layer by `(block_name, block_id, transformer_index)`:
 ("input" / "middle" / "output") and position as in `input_blocks` / `output_blocks`, and the index of
 the transformer block inside that block's SpatialTransformer. Diffusers names the same layer
 `{down,mid,up}_blocks.B.attentions.A.transformer_blocks.T.attn2`.
+
+IP-Adapter files number their per-layer weights `ip_adapter.<i>` by position in diffusers'
+`UNet2DConditionModel.attn_processors`, which lists every attention module (attn1 and attn2) in module
+registration order: `down_blocks`, then `up_blocks`, then `mid_block` (the UNet's __init__ registers the two
+ModuleLists before building the mid block), and inside each block attentions[A].transformer_blocks[T].attn1,
+attn2. IP-Adapter loads `ModuleList(attn_processors.values())` and diffusers' loader counts `key_id` 1, 3, 5, ...
+over the attn2 processors, so the k-th attn2 layer in that order has index 2k + 1 (attn1 entries hold no
+weights): SD1.5 1..31 with the middle block last (31), SDXL 1..139 with the middle block 121..139.
 """
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
 HEAD_SIZE_SDXL = 64
@@ -22,6 +31,7 @@ _LAYOUT = {
              ("output", (0, 1, 2), 1280, 10), ("output", (3, 4, 5), 640, 2)],
 }
 _DIFFUSERS_BLOCK = {"input": "down_blocks", "middle": "mid_block", "output": "up_blocks"}
+_DIFFUSERS_REGISTRATION = {"input": 0, "output": 1, "middle": 2}  # down_blocks, up_blocks, then mid_block
 _DIFFUSERS_PATTERN = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|mid_block)\.attentions\.(\d+)"
                                 r"\.transformer_blocks\.(\d+)\.attn2$")
 
@@ -43,13 +53,23 @@ def layer_key(block: tuple[str, int, int]) -> str:
     return "_".join(str(part) for part in block)
 
 
+def family_heads(base_family: str, inner_dim: int) -> int:
+    """The attn2 head count of the family's UNets for a layer of this width: SD1.5 has 8 heads of varying size,
+    SDXL heads of size 64."""
+    check_family(base_family)
+    heads = HEADS_SD15 if base_family == "sd15" else inner_dim // HEAD_SIZE_SDXL
+    if heads < 1 or inner_dim % heads:
+        raise ValueError(f"an attn2 layer {inner_dim} wide does not split into {base_family} heads "
+                         f"({'8 heads' if base_family == 'sd15' else 'heads of 64'})")
+    return heads
+
+
 def cross_attention_layers(base_family: str) -> list[CrossAttentionLayer]:
     """Every attn2 layer of the family's UNet, in forward order (input, middle, output)."""
     check_family(base_family)
     layers = []
     for block_name, block_ids, inner_dim, transformers in _LAYOUT[base_family]:
-        # SD1.5 has 8 heads of varying size; SDXL has heads of size 64.
-        heads = HEADS_SD15 if base_family == "sd15" else inner_dim // HEAD_SIZE_SDXL
+        heads = family_heads(base_family, inner_dim)
         for block_id in block_ids:
             for index in range(transformers):
                 block = (block_name, block_id, index)
@@ -85,3 +105,17 @@ def from_diffusers_name(name: str) -> tuple[str, int, int]:
     if blocks == "down_blocks":
         return ("input", 3 * int(number) + attention + 1, index)
     return ("output", 3 * int(number) + attention, index)
+
+
+def ip_adapter_layers(base_family: str) -> dict[int, CrossAttentionLayer]:
+    """IP-Adapter's index `i` of `ip_adapter.<i>` -> the attn2 layer it belongs to (see the module docstring)."""
+    in_diffusers_order = sorted(cross_attention_layers(base_family),  # stable: forward order inside each block list
+                                key=lambda layer: _DIFFUSERS_REGISTRATION[layer.block[0]])
+    return {2 * position + 1: layer for position, layer in enumerate(in_diffusers_order)}
+
+
+def layers_with_widths(base_family: str, inner_dims: Mapping[str, int]) -> list[CrossAttentionLayer]:
+    """The family's attn2 layers with the inner widths a file gives by layer key (a layer it does not give keeps the
+    family's width), heads as the family's UNets split them."""
+    return [CrossAttentionLayer(layer.key, layer.block, width, family_heads(base_family, width))
+            if (width := inner_dims.get(layer.key)) is not None else layer for layer in cross_attention_layers(base_family)]

@@ -22,8 +22,9 @@ class VisionLayerShape:
     activation: str
 
 
-# By hidden width: ViT-L/14 (OpenAI) and ViT-H/14 (LAION), as their configs give them.
-VISION_LAYER_SHAPES = {1024: VisionLayerShape(16, 4096, "quick_gelu"), 1280: VisionLayerShape(16, 5120, "gelu")}
+# By hidden width: ViT-L/14 (OpenAI), ViT-H/14 and ViT-bigG/14 (LAION), as their configs give them.
+VISION_LAYER_SHAPES = {1024: VisionLayerShape(16, 4096, "quick_gelu"), 1280: VisionLayerShape(16, 5120, "gelu"),
+                       1664: VisionLayerShape(16, 8192, "gelu")}
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from core.test_nested_encoder import base_weights, official_like, tiny_adapter
 from subject_personalization.encoders.checkpoint_io import UnreadableFile, read_state_dict
 from subject_personalization.encoders.fastcomposer_checkpoint import convert_to_safetensors
+from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
 from subject_personalization.encoders.nested_adapter import load_nested_adapter, save_nested_adapter
 from subject_personalization.encoders.official_nested_import import import_official_nested_file
 from subject_personalization.encoders.unet_layers import CrossAttentionLayer, cross_attention_layers
@@ -99,6 +100,8 @@ READERS = {  # reader name -> (call on a path, what it says to do)
                                FASTCOMPOSER_FIX),
     "adapter loader": (load_nested_adapter, ADAPTER_FIX),
     "official importer": (lambda path: import_official_nested_file(path, "person", EMBEDDINGS), IMPORT_FIX),
+    "IP-Adapter Plus loader": (lambda path: load_ip_adapter_plus(path, "person", {"l": torch.zeros(768)}),
+                               "use an IP-Adapter Plus file"),
     "encodings cache": (lambda path: load_encoded(path.parent, 0), "delete the encodings folder"),
 }
 

@@ -7,6 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ipadapter_files import Weights, plus_resampler
+from subject_personalization.encoders.ipadapter_plus import ip_resampler_config, resampler_key
 from subject_personalization.encoders.nested_adapter import (NestedAdapter, check_compatible, load_nested_adapter,
                                                               new_nested_adapter, save_nested_adapter)
 from subject_personalization.encoders.nested_projections import NestedProjections
@@ -150,6 +152,71 @@ def test_resampler_matches_an_explicit_float64_computation(norm_after_projection
     torch.testing.assert_close(resampler(image), out + p["base_token"], rtol=1e-10, atol=1e-10)
 
 
+def ip_adapter_resampler_reference(s: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """IP-Adapter's resampler.py `Resampler.forward` (newest: pos_emb, to_latents_from_mean_pooled_seq), restated from
+    its code in float64 on its own state-dict names; PerceiverAttention's inner width is heads * dim_head."""
+    batch = x.shape[0]
+    if "pos_emb.weight" in s:
+        x = x + s["pos_emb.weight"][:x.shape[1]]  # self.pos_emb(torch.arange(n))
+    latents = s["latents"].repeat(batch, 1, 1)
+    x = x @ s["proj_in.weight"].T + s["proj_in.bias"]
+    if "to_latents_from_mean_pooled_seq.1.weight" in s:
+        mean = x.sum(dim=1) / x.shape[1]  # masked_mean with an all-ones mask
+        pooled = _layer_norm(mean, s["to_latents_from_mean_pooled_seq.0.weight"], s["to_latents_from_mean_pooled_seq.0.bias"])
+        pooled = pooled @ s["to_latents_from_mean_pooled_seq.1.weight"].T + s["to_latents_from_mean_pooled_seq.1.bias"]
+        latents = torch.cat([pooled.reshape(batch, -1, latents.shape[-1]), latents], dim=-2)  # Rearrange b (n d) -> b n d
+    for n in range(len({key.split(".")[1] for key in s if key.startswith("layers.")})):
+        p = {key[len(f"layers.{n}."):]: value for key, value in s.items() if key.startswith(f"layers.{n}.")}
+        image = _layer_norm(x, p["0.norm1.weight"], p["0.norm1.bias"])
+        normed = _layer_norm(latents, p["0.norm2.weight"], p["0.norm2.bias"])
+        q = normed @ p["0.to_q.weight"].T
+        k, v = (torch.cat([image, normed], dim=-2) @ p["0.to_kv.weight"].T).chunk(2, dim=-1)
+        q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        scale = 1 / math.sqrt(math.sqrt(q.shape[-1]))
+        weight = torch.softmax((q * scale) @ (k * scale).transpose(-2, -1), dim=-1)
+        out = (weight @ v).permute(0, 2, 1, 3).reshape(batch, latents.shape[1], -1) @ p["0.to_out.weight"].T
+        latents = out + latents
+        hidden = _layer_norm(latents, p["1.0.weight"], p["1.0.bias"]) @ p["1.1.weight"].T
+        latents = (0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))) @ p["1.3.weight"].T + latents
+    out = latents @ s["proj_out.weight"].T + s["proj_out.bias"]
+    return _layer_norm(out, s["norm_out.weight"], s["norm_out.bias"])
+
+
+@pytest.mark.parametrize("max_seq_len,pooled", [(0, 0), (300, 0), (0, 3), (257, 2)])
+def test_ip_adapter_resampler_options_compute_as_ip_adapter(max_seq_len, pooled):
+    """Attention wider than the queries (3 heads of 64 over width 96), learned positions, mean-pooled queries."""
+    weights = Weights(seed=4, dtype=torch.float64)
+    state = plus_resampler(weights, dim=96, depth=2, dim_head=64, heads=3, num_queries=5, embedding_dim=1024,
+                           output_dim=768, ff_mult=2, max_seq_len=max_seq_len, num_latents_mean_pooled=pooled)
+    renamed = {resampler_key(key): tensor for key, tensor in state.items()}
+    config = ip_resampler_config(renamed)
+    assert (config.inner_width, config.heads, config.position_embeddings, config.pooled_queries, config.tokens) == \
+        (192, 3, max_seq_len, pooled, 5 + pooled)
+    resampler = SubjectResampler(config).double()
+    resampler.load_state_dict({key[len("resampler."):]: value for key, value in renamed.items()}
+                              | {"base_token": torch.zeros(768, dtype=torch.float64)})
+    image = torch.randn(2, 257, 1024, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(resampler(image), ip_adapter_resampler_reference(state, image, heads=3),
+                                   rtol=1e-10, atol=1e-10)
+    if max_seq_len:
+        with pytest.raises(ValueError, match=f"learned positions for {max_seq_len} image tokens, got {max_seq_len + 1}"):
+            resampler(torch.randn(1, max_seq_len + 1, 1024, dtype=torch.float64))
+
+
+def test_optional_parts_are_absent_by_default_and_configs_are_checked():
+    keys = set(SubjectResampler(tiny_config()).state_dict())
+    assert not any(key.startswith(("position_embedding", "pooled_queries")) for key in keys)
+    assert tiny_config(attention_width=64).attention_width is None  # the same as width: one spelling
+    assert tiny_config(attention_width=128) != tiny_config()
+    with pytest.raises(ValueError, match="attention width 102 is not divisible by heads 4"):
+        tiny_config(attention_width=102)
+    with pytest.raises(ValueError, match="pooled_queries must be an integer >= 0"):
+        tiny_config(pooled_queries=-1)
+    with pytest.raises(ValueError, match="num_queries \\+ pooled_queries must be at most 256"):
+        tiny_config(num_queries=250, pooled_queries=7)
+
+
 # --- projections --------------------------------------------------------------------------------------------
 
 def test_projections_are_plain_matmuls_and_init_from_base():
@@ -208,6 +275,23 @@ def test_new_adapter_starts_at_the_initializer_word():
     assert torch.equal(same_seed.resampler.queries, tiny_adapter().resampler.queries)
     with pytest.raises(ValueError, match="needs initializer embeddings for text encoders \\['g', 'l'\\]"):
         new_nested_adapter("sdxl", 1280, "person", "man", {"l": torch.randn(768)}, torch.randn(2048), {}, {})
+
+
+def test_adapters_written_before_the_optional_resampler_parts_load_the_same(tmp_path):
+    """Files whose encoder metadata predates attention_width / pooled_queries / position_embeddings."""
+    adapter = randomised(tiny_adapter())
+    path = tmp_path / "old.safetensors"
+    save_nested_adapter(path, adapter)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    encoder = json.loads(metadata["encoder"])
+    for name in ("attention_width", "pooled_queries", "position_embeddings"):
+        del encoder[name]
+    save_file(tensors, path, metadata=metadata | {"encoder": json.dumps(encoder)})
+    loaded = load_nested_adapter(path)
+    assert loaded.resampler.config == adapter.resampler.config
+    image = torch.randn(1, 257, 1024)
+    assert torch.equal(loaded.resampler(image), adapter.resampler(image))
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -298,7 +382,8 @@ def test_official_import_under_the_assumed_layout():
     check_compatible(adapter, "sdxl", 2048, 1280)
     assert adapter.resampler(torch.randn(1, 257, 1280)).shape == (1, 4, 2048)
 
-    with pytest.raises(ValueError, match="2 keys do not fit the assumed official layout.*image_proj.pos_emb"):
+    with pytest.raises(ValueError, match="2 keys fit no layout the official import accepts.*: image_proj.pos_emb, "
+                                         "optimizer$"):
         import_official_nested(state | {"image_proj.pos_emb": torch.zeros(1), "optimizer": torch.zeros(1)},
                                "person", embeddings)
     missing = {k: v for k, v in state.items() if "mid_block" not in k}

@@ -1,0 +1,185 @@
+"""IP-Adapter files through encoders/ipadapter_plus.py: Plus files of both families and both published forms become the
+same nested adapter; every other variant, unknown keys, hostile pickles and damaged files are refused with the file,
+the problem and the fix. Narrow widths (the claims here do not depend on size; tests/host/test_ipadapter_plus.py checks
+the published shapes against diffusers)."""
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ipadapter_files import flattened, ip_adapter_plus, other_variant, write_ip_adapter
+from subject_personalization.encoders.checkpoint_io import UnreadableFile
+from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
+from subject_personalization.encoders.nested_adapter import check_compatible, load_nested_adapter, save_nested_adapter
+from subject_personalization.encoders.unet_layers import CONTEXT_WIDTH, cross_attention_layers, ip_adapter_layers
+
+FIX = "use an IP-Adapter Plus file"
+EMBEDDINGS = {"sd15": {"l": torch.randn(768)}, "sdxl": {"l": torch.randn(768), "g": torch.randn(1280)}}
+NARROW_RESAMPLER = dict(dim=96, depth=2, dim_head=64, heads=2, num_queries=4, ff_mult=2)
+
+
+def narrow_plus(family: str, seed: int = 0, **resampler) -> dict:
+    """A Plus file's tensors, every attn2 layer 64 wide, a small resampler over ViT-H/14 tokens."""
+    widths = {index: 64 for index in ip_adapter_layers(family)}
+    return ip_adapter_plus(family, seed, widths=widths, **(NARROW_RESAMPLER | {"embedding_dim": 1280,
+                                                                               "output_dim": CONTEXT_WIDTH[family]}
+                                                          | resampler))
+
+
+def load(path, family="sd15"):
+    return load_ip_adapter_plus(path, "person", EMBEDDINGS[family])
+
+
+def refused(path, problem: str, family="sd15") -> str:
+    with pytest.raises(UnreadableFile) as caught:
+        load(path, family)
+    message = str(caught.value)
+    assert str(path) in message and FIX in message, message
+    assert re.search(problem, message), message
+    return message
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_both_published_forms_give_the_same_adapter(tmp_path, family):
+    grouped = narrow_plus(family)
+    from_bin = load(write_ip_adapter(tmp_path / f"plus_{family}.bin", grouped), family)
+    from_safetensors = load(write_ip_adapter(tmp_path / f"plus_{family}.safetensors", grouped), family)
+    assert from_bin.state_dict().keys() == from_safetensors.state_dict().keys()
+    for key, tensor in from_safetensors.state_dict().items():
+        assert torch.equal(from_bin.state_dict()[key], tensor), key
+    adapter = from_safetensors
+    assert adapter.base_family == family and adapter.name == f"plus_{family}"
+    config = adapter.resampler.config
+    assert (config.vision_width, config.width, config.inner_width, config.heads, config.depth, config.num_queries,
+            config.ff_mult, config.output_width, config.norm_after_projection) == \
+        (1280, 96, 128, 2, 2, 4, 2, CONTEXT_WIDTH[family], True)
+    assert [layer.key for layer in adapter.layers] == [layer.key for layer in cross_attention_layers(family)]
+    assert all(layer.inner_dim == 64 for layer in adapter.layers)
+    assert [layer.heads for layer in adapter.layers] == [8 if family == "sd15" else 1] * len(adapter.layers)
+    assert not adapter.resampler.base_token.any()
+    assert torch.equal(adapter.placeholder_embeddings["l"], EMBEDDINGS[family]["l"])
+    assert adapter.resampler.queries.dtype == torch.float16  # kept as stored
+    for index, layer in ip_adapter_layers(family).items():
+        assert torch.equal(adapter.projections.maps[layer.key].to_k.weight, grouped["ip_adapter"][f"{index}.to_k_ip.weight"])
+        assert torch.equal(adapter.projections.maps[layer.key].to_v.weight, grouped["ip_adapter"][f"{index}.to_v_ip.weight"])
+    assert (adapter.vision_hidden_state, adapter.special_token_weight, adapter.initializer_word) == \
+        ("penultimate", 1.0, "person")
+    assert adapter.metadata()["clip_vision"] == \
+        '{"name": "ViT-H/14", "hidden_width": 1280, "hidden_state": "penultimate", "trained_layers": 0}'
+    assert from_bin.provenance["source"] == f"plus_{family}.bin" and from_bin.provenance["form"] == ".bin"
+    assert adapter.provenance["variant"] == "IP-Adapter Plus"
+    check_compatible(adapter, family, CONTEXT_WIDTH[family], 1280)
+    with pytest.raises(ValueError, match=r"expects ViT-H/14 \(1280-wide tokens\), got 1024-wide tokens \(ViT-L/14\)"):
+        check_compatible(adapter, family, CONTEXT_WIDTH[family], 1024)
+
+
+def test_an_imported_adapter_saves_and_loads_bit_exact(tmp_path):
+    adapter = load(write_ip_adapter(tmp_path / "plus.safetensors", narrow_plus("sd15")))
+    save_nested_adapter(tmp_path / "nested.safetensors", adapter)
+    loaded = load_nested_adapter(tmp_path / "nested.safetensors")
+    assert loaded.metadata() | {"provenance": ""} == adapter.metadata() | {"provenance": ""}
+    assert loaded.provenance == adapter.provenance
+    image = torch.randn(1, 257, 1280)
+    loaded, adapter = loaded.float(), adapter.float()
+    assert torch.equal(loaded.subject_tokens(image), adapter.subject_tokens(image))
+
+
+@pytest.mark.parametrize("width,name", [(1024, "ViT-L/14"), (1664, "ViT-bigG/14")])
+def test_the_clip_vision_model_comes_from_the_resampler_input(tmp_path, width, name):
+    adapter = load(write_ip_adapter(tmp_path / "plus.bin", narrow_plus("sd15", embedding_dim=width)))
+    assert adapter.vision_width == width and f'"name": "{name}"' in adapter.metadata()["clip_vision"]
+
+
+@pytest.mark.parametrize("variant,family,problem", [
+    ("plain", "sd15", r"plain IP-Adapter \(image_proj\.proj \+ image_proj\.norm.*pooled image embedding"),
+    ("plain", "sdxl", r"plain IP-Adapter"),
+    ("full_face", "sd15", r"IP-Adapter Full Face \(image_proj\.proj\.0/2/3.*257 hidden states"),
+    ("faceid", "sd15", r"IP-Adapter FaceID \(image_proj\.proj\.0/2 \+ image_proj\.norm\).*ArcFace"),
+    ("faceid_plus", "sd15", r"IP-Adapter FaceID Plus \(image_proj\.perceiver_resampler.*ArcFace.*LoRA"),
+])
+def test_other_variants_are_refused_by_name(tmp_path, variant, family, problem):
+    for suffix in (".bin", ".safetensors"):
+        refused(write_ip_adapter(tmp_path / f"{variant}{suffix}", other_variant(variant, family)), problem, family)
+
+
+def test_lora_weights_are_refused(tmp_path):
+    grouped = narrow_plus("sd15")
+    grouped["ip_adapter"]["0.to_q_lora.down.weight"] = torch.zeros(4, 8)
+    refused(write_ip_adapter(tmp_path / "lora.safetensors", grouped), r"LoRA layers \(ip_adapter\.<i>\.to_\*_lora")
+
+
+def test_unknown_keys_are_listed(tmp_path):
+    grouped = narrow_plus("sd15")
+    grouped["image_proj"]["extra_norm.weight"] = torch.zeros(3)
+    grouped["ip_adapter"]["1.to_q_ip.weight"] = torch.zeros(3)
+    grouped["optimizer"] = {"step": torch.zeros(1)}
+    refused(write_ip_adapter(tmp_path / "odd.bin", grouped),
+            r"3 keys are not IP-Adapter Plus weights: image_proj\.extra_norm\.weight, ip_adapter\.1\.to_q_ip\.weight, "
+            r"optimizer\.step")
+
+
+def test_files_without_ip_adapter_weights_are_named(tmp_path):
+    path = write_ip_adapter(tmp_path / "model.safetensors", {"unet": {"conv_in.weight": torch.zeros(2, 2)}})
+    refused(path, r"no IP-Adapter Plus file: it has no image_proj\.latents .*found 1 tensors: unet\.conv_in\.weight")
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda g: [g["ip_adapter"].pop(f"31.to_{kv}_ip.weight") for kv in "kv"],
+     r"number 15 layers, not the 16 attn2 layers of SD1\.5 \(1, 3, \.\.\., 31\) or the 70 of SDXL \(1, 3, \.\.\., "
+     r"139\): as sd15, it lacks layers \[31\] and has extra layers none"),
+    (lambda g: g["ip_adapter"].pop("31.to_v_ip.weight"), r"ip_adapter\.31\.to_v_ip\.weight is missing"),
+    (lambda g: g["ip_adapter"].update({"5.to_k_ip.weight": torch.zeros(64, 2048)}),
+     r"projections\.maps\.input_4_0\.to_k\.weight has shape \(64, 2048\), expected \(64, 768\)"),
+    (lambda g: g["ip_adapter"].update({"5.to_k_ip.weight": torch.zeros(60, 768)}),
+     r"an attn2 layer 60 wide does not split into sd15 heads"),
+    (lambda g: g["image_proj"].update({"proj_out.weight": torch.zeros(2048, 96), "proj_out.bias": torch.zeros(2048),
+                                       "norm_out.weight": torch.zeros(2048), "norm_out.bias": torch.zeros(2048)}),
+     r"its resampler makes 2048-wide tokens, but its 16 layers are those of sd15, whose context is 768 wide"),
+    (lambda g: g["image_proj"].update({"proj_in.weight": torch.zeros(96, 512)}),
+     r"reads 512-wide CLIP vision tokens, no CLIP vision model known here"),
+    (lambda g: g["image_proj"].update({f"layers.{n}.0.to_q.weight": torch.zeros(100, 96) for n in range(2)}),
+     r"attention is 100 wide, not a multiple of IP-Adapter's head size 64"),
+    (lambda g: g["image_proj"].pop("layers.1.0.to_kv.weight"), r"resampler\.blocks\.1 does not fit: missing"),
+])
+def test_inconsistent_plus_files_are_refused(tmp_path, change, problem):
+    grouped = narrow_plus("sd15")
+    change(grouped)
+    refused(write_ip_adapter(tmp_path / "plus.safetensors", grouped), problem)
+
+
+def test_embeddings_for_the_wrong_text_encoders_are_named(tmp_path):
+    path = write_ip_adapter(tmp_path / "plus.safetensors", narrow_plus("sdxl"))
+    with pytest.raises(UnreadableFile, match=r"sdxl needs initializer embeddings for text encoders \['g', 'l'\]"):
+        load_ip_adapter_plus(path, "person", EMBEDDINGS["sd15"])
+
+
+@pytest.mark.parametrize("content,problem", [
+    ({"image_proj": {"latents": torch.zeros(1)}, "ip_adapter": SimpleNamespace(a=1)}, "never unpickles arbitrary objects"),
+    ({"image_proj": {"latents": torch.zeros(1)}, "ip_adapter": {"1.to_k_ip.weight": "text"}},
+     r"its entry 'ip_adapter' / '1.to_k_ip.weight' is a str, not a tensor: it is not a flat dict of tensors or a dict "
+     r"of such dicts"),
+    ([torch.zeros(1)], r"holds a list, not a flat dict of tensors or a dict of such dicts"),
+    ({"image_proj.latents": torch.zeros(1), "image_proj": {"latents": torch.zeros(1)}},
+     "names the tensor image_proj.latents twice, flat and grouped"),
+])
+def test_pickles_that_are_not_tensor_dicts_are_refused(tmp_path, content, problem):
+    path = tmp_path / "plus.bin"
+    torch.save(content, path)
+    refused(path, problem)
+
+
+def test_a_damaged_file_is_refused(tmp_path):
+    path = write_ip_adapter(tmp_path / "plus.safetensors", narrow_plus("sd15"))
+    path.write_bytes(path.read_bytes()[:-100])
+    refused(path, "truncated")
+    path = write_ip_adapter(tmp_path / "plus.bin", narrow_plus("sd15"))
+    path.write_bytes(path.read_bytes()[:1000])
+    refused(path, "damaged or not a PyTorch file")
+
+
+def test_the_safetensors_form_is_the_flattened_bin():
+    grouped = narrow_plus("sd15")
+    flat = flattened(grouped)
+    assert "image_proj.latents" in flat and "ip_adapter.31.to_v_ip.weight" in flat and len(flat) == \
+        len(grouped["image_proj"]) + len(grouped["ip_adapter"])
