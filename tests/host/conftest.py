@@ -34,8 +34,9 @@ def comfy(tmp_path_factory) -> HeadlessComfy:
 
 @pytest.fixture(scope="session")
 def fastcomposer_file(comfy):
-    """A random checkpoint in the official layout, written once per session into models/fastcomposer."""
-    return write_random_fastcomposer(comfy.model_dir("fastcomposer") / FASTCOMPOSER_FILE, seed=0)
+    """A random checkpoint in the official layout (light form: 0.7 GB, values repeat across layers), written once per
+    session into models/fastcomposer. The exactness tests, whose claim needs every tensor its own draw, write theirs."""
+    return write_random_fastcomposer(comfy.model_dir("fastcomposer") / FASTCOMPOSER_FILE, seed=0, light=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +53,26 @@ def node(comfy):
 
 @pytest.fixture(scope="session")
 def sd15_checkpoint_file(comfy, fastcomposer_models):
-    """An ordinary SD1.5 checkpoint (ComfyUI's layout) with the same random weights, for the Nested Attention workflows."""
-    from comfy.sd import save_checkpoint
+    """An ordinary SD1.5 checkpoint (ComfyUI's layout, fp16 as many published files) with the same random weights."""
     model, clip, vae = fastcomposer_models[:3]
     path = comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors"
-    save_checkpoint(str(path), model, clip, vae)
+    save_half(model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd()), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def clip_vision_file(comfy, fastcomposer_models):
-    """A CLIP ViT-L/14 vision model file (the random FastComposer vision tower)."""
-    from safetensors.torch import save_file
+    """A CLIP ViT-L/14 vision model file (the random FastComposer vision tower, fp16)."""
     path = comfy.model_dir("clip_vision") / "CLIP-ViT-L-14.safetensors"
-    save_file({key: tensor.contiguous() for key, tensor in fastcomposer_models[3].get_sd().items()}, path)
+    save_half(fastcomposer_models[3].get_sd(), path)
     return path
+
+
+def save_half(state_dict: dict, path) -> None:
+    """Floating tensors in fp16: half the disk, and the tests that read these files compare nothing with fp32 weights."""
+    from safetensors.torch import save_file
+    save_file({key: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
+               for key, tensor in state_dict.items()}, path)
 
 
 @pytest.fixture(scope="session")

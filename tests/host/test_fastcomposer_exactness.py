@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
+from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
 
 require_comfyui()
 pytest.importorskip("diffusers", reason="the exactness tests compare against diffusers / transformers")
@@ -28,6 +29,19 @@ PROMPTS = [
     "a man<|image|>, a woman<|image|>! reading, laughing.",            # punctuation, no spaces
     "a man <|image|>, a woman <|image|>, a dog <|image|> and a cat <|image|> in a park",  # four subjects
 ]
+
+
+@pytest.fixture(scope="module")
+def fastcomposer_file(comfy):
+    """Every tensor its own draw (5.5 GB), so a swapped layer or projection cannot hide; gone after the module."""
+    path = write_random_fastcomposer(comfy.model_dir("fastcomposer") / "fastcomposer_independent.bin", seed=0)
+    yield path
+    path.unlink()
+
+
+@pytest.fixture(scope="module")
+def fastcomposer_models(fastcomposer_file, node):
+    return node("FastComposerLoader").load(fastcomposer_file.name)
 
 
 @pytest.fixture(scope="module")
