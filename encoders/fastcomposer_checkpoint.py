@@ -92,9 +92,19 @@ def convert_to_safetensors(source: str | Path, destination: str | Path) -> Path:
         raise ValueError(f"the destination must end in .safetensors, got {destination.name}")
     state_dict = read_state_dict(source, FASTCOMPOSER_FIX)
     check_fastcomposer(state_dict, source.name)
-    save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, destination,
-              metadata={"format": "fastcomposer", "converted_from": source.name})
+    save_file(unshared(state_dict), destination, metadata={"format": "fastcomposer", "converted_from": source.name})
     return destination
+
+
+def unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores every tensor on its own: a tensor on a storage an earlier one uses (tied weights, views that
+    torch.save kept shared) is copied, every other one only made contiguous."""
+    storages, tensors = set(), {}
+    for key, tensor in state_dict.items():
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone(memory_format=torch.contiguous_format) if storage in storages else tensor.contiguous()
+        storages.add(storage)
+    return tensors
 
 
 def main() -> None:

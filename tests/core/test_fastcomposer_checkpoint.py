@@ -61,6 +61,19 @@ def test_pickle_is_read_weights_only_and_safetensors_round_trip(tmp_path):
     assert read_state_dict(converted).keys() == state_dict.keys()
 
 
+def test_tensors_that_share_storage_convert_as_their_values(tmp_path):
+    """Tied weights and views kept shared by torch.save (which safetensors cannot store) come out as plain copies."""
+    state_dict = tiny_fastcomposer()
+    block = torch.randn(768 * 2)
+    state_dict["postfuse_module.layer_norm.weight"] = block[:768]
+    state_dict["text_encoder.final_layer_norm.weight"] = block[768:]
+    state_dict["postfuse_module.layer_norm.bias"] = block[:768]
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    reloaded = load_file(convert_to_safetensors(tmp_path / "pytorch_model.bin", tmp_path / "fastcomposer.safetensors"))
+    for key, tensor in state_dict.items():
+        assert torch.equal(reloaded[key], tensor), key
+
+
 class NotATensor:
     pass
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
+from random_modules import randomise
 
 require_comfyui()
 
@@ -15,20 +16,6 @@ SDXL_UNET = {  # ComfyUI's SDXL base UNet configuration (comfy/supported_models.
     "use_temporal_resblock": False,
 }
 DTYPE = torch.bfloat16  # halves memory; the CPU runs bf16 matmuls
-
-
-@torch.no_grad()
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI builds modules with uninitialised memory: give every parameter seeded, well-scaled values, drawn in
-    place in the parameter's own dtype (no float32 copy of 2.6 billion values)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, parameter in module.named_parameters():
-        if parameter.ndim <= 1 and ("norm" in name or name.endswith("ln_1.weight")):
-            parameter.fill_(1.0)
-        elif parameter.ndim <= 1:
-            parameter.normal_(0.0, 0.02, generator=generator)
-        else:
-            parameter.normal_(0.0, parameter[0].numel() ** -0.5, generator=generator)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +73,36 @@ def test_an_sd15_adapter_is_refused_by_an_sdxl_model(sdxl, fastcomposer_models, 
         node("ApplyNestedAttention").apply(sdxl[0], positive, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="is for sd15"):
         node("NestedAttentionEncode").encode(sdxl[1], subjects, "a person")
+
+
+def test_the_official_checkpoint_imports_through_its_node(sdxl, comfy, node):
+    """One step from models/nested_attention: the file's maps, and the subject token is this SDXL CLIP's embedding of
+    the initializer word; an adapter file of the pack given to it is sent to its own loader."""
+    from ipadapter_files import Weights, flattened, layer_maps, plus_resampler
+    from safetensors.torch import save_file
+    from subject_personalization.encoders.nested_adapter import save_nested_adapter
+    from subject_personalization.encoders.unet_layers import ip_adapter_layers
+    from subject_personalization.nodes.nested_adapter_nodes import initializer_vectors
+    clip = sdxl[1]
+    weights = Weights(seed=11, dtype=torch.float16)
+    official = flattened({"image_proj": plus_resampler(weights, dim=64, depth=1, dim_head=64, heads=1, num_queries=4,
+                                                       embedding_dim=1280, output_dim=2048, ff_mult=2),
+                          "ip_adapter": layer_maps(weights, "sdxl", dict.fromkeys(range(1, 140, 2), 64))})
+    folder = comfy.model_dir("nested_attention")
+    source, converted = folder / "nested_official_demo.safetensors", folder / "nested_official_converted.safetensors"
+    save_file({key: tensor.contiguous() for key, tensor in official.items()}, source)
+    try:
+        (adapter,) = node("NestedAttentionOfficialLoader").load(source.name, clip, "person")
+        assert (adapter.base_family, len(adapter.layers), adapter.initializer_word) == ("sdxl", 70, "person")
+        for key, embedding in initializer_vectors(clip, "person")[0].items():
+            assert torch.equal(adapter.placeholder_embeddings[key], embedding), key
+        for number, layer in ip_adapter_layers("sdxl").items():
+            assert torch.equal(adapter.projections.maps[layer.key].to_v.weight,
+                               official[f"ip_adapter.{number}.to_v_ip.weight"].float()), layer.key
+        save_nested_adapter(converted, adapter)
+        with pytest.raises(ValueError, match="is already a Nested Attention adapter of this pack: load it with 'Load "
+                                             "Nested Attention Adapter'"):
+            node("NestedAttentionOfficialLoader").load(converted.name, clip, "person")
+    finally:
+        source.unlink()
+        converted.unlink(missing_ok=True)
