@@ -9,15 +9,18 @@ host's own code in whichever version COMFYUI_PATH holds. Prompts go through its 
 import importlib.util
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
+
+if __package__:
+    from .comfy_client import ComfyClient, free_loopback_port
+else:  # imported with tools/ on sys.path (run_workflow.py, the benchmarks)
+    from comfy_client import ComfyClient, free_loopback_port
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NODE = "FastComposerLoader"  # any node of the pack: its presence shows ComfyUI imported the pack
@@ -25,7 +28,7 @@ FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 
 
-class HeadlessComfy:
+class HeadlessComfy(ComfyClient):
     """A booted ComfyUI with this pack loaded; base_directory (default: the checkout) holds models/, input/, output/.
 
     Boot it once per process: ComfyUI reads its command line and registers nodes at import time. The HTTP server
@@ -41,7 +44,7 @@ class HeadlessComfy:
         self.base_directory = Path(base_directory or comfyui_path).resolve()
         for name in ("input", "output", "models", "custom_nodes", "user"):
             (self.base_directory / name).mkdir(parents=True, exist_ok=True)
-        self.port = _free_loopback_port()
+        super().__init__(free_loopback_port())
         custom_nodes = self._custom_nodes_with_the_pack()
         device_args = ["--cpu"] if cpu else []  # --cpu is needed on a machine without an NVIDIA driver
         # The database beside the base's user folder: ComfyUI's own default for a checkout, inside a scratch base.
@@ -78,10 +81,6 @@ class HeadlessComfy:
         (extra / PACK_ROOT.name).symlink_to(PACK_ROOT, target_is_directory=True)
         return extra
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def _serve(self) -> None:
         """Start ComfyUI's HTTP server on its own event loop thread, as main.py starts it, and wait until it answers."""
         if self._serving:
@@ -98,17 +97,6 @@ class HeadlessComfy:
                     raise RuntimeError(f"ComfyUI's server did not answer on {self.url} within 120 s")
                 time.sleep(0.1)
         self._serving = True
-
-    def get(self, route: str) -> dict:
-        with urllib.request.urlopen(self.url + route, timeout=60) as reply:
-            return json.loads(reply.read())
-
-    def post(self, route: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(self.url + route, data=json.dumps(body or {}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            content = reply.read()
-        return json.loads(content) if content else {}
 
     def use_scratch_directories(self, scratch: Path, model_folders: tuple[str, ...]) -> None:
         """Send inputs, outputs and the named model folders to scratch, leaving the user's folders untouched."""
@@ -159,26 +147,9 @@ class HeadlessComfy:
             prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
         return prompt
 
-    def queue(self, prompt: dict) -> str:
-        """Send an API-format prompt to /prompt; its id. Raises with ComfyUI's validation errors when it is refused."""
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
         self._serve()
-        try:
-            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
-        except urllib.error.HTTPError as error:
-            refusal = json.loads(error.read() or b"{}")
-            raise RuntimeError(f"ComfyUI rejected the prompt: {refusal.get('error')} "
-                               f"{json.dumps(refusal.get('node_errors'), default=str)[:2000]}") from None
-
-    def wait(self, prompt_id: str, timeout: float | None = None) -> dict:
-        """The prompt's history entry once it has run (outputs, status with ComfyUI's messages)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry is not None:
-                return entry
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
-            time.sleep(0.02)
+        return super().queue(prompt, client_id or self.client_id)
 
     def execute(self, prompt: dict, timeout: float | None = None) -> dict:
         """Queue a prompt, wait for it; the history outputs. Raises with ComfyUI's messages when it did not succeed."""
@@ -206,12 +177,6 @@ def _import_file(module_name: str, path: Path):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def comfyui_path_from_env() -> str | None:
