@@ -1,11 +1,15 @@
-"""Cross-attention with subject tokens: query-dependent nested values and per-subject query masks.
+"""Cross-attention with subject tokens: query-dependent nested values, per-subject query masks and token weights.
 
 Inputs are a UNet cross-attention layer's projected q (B, N, H*d), k and v (B, T, H*d).
 Per head, for subjects i bound to key positions s_i (METHODS.md §2 and §3):
 
-    a_qj  = softmax_j(q.k_j / sqrt(d) + b_qj)         b_q,s_i = log(query_mask_i[q]), 0 elsewhere
+    a_qj  = softmax_j(q.k_j / sqrt(d) + b_qj)         b_q,s_i = log(query_mask_i[q]) + log(w_i), 0 elsewhere
     v*_iq = softmax_m(q.K~_im / sqrt(d)) V~_im         nested attention over subject i's M tokens
     out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq - v_s_i)
+
+w_i is subject i's token weight (the official `special_token_weight`, METHODS.md §2.5): exp(b) multiplies s_i's
+unnormalised attention, so w_i scales s_i's attention before the row is renormalised; w_i = 1 and no mask build no
+bias at all.
 
 Evaluation: sum_j a_qj v_j - lambda_i a_q,s_i v_s_i is plain attention with v_s_i scaled by
 (1 - lambda_i), so one SDPA call over values [(scaled) v | indicator of s_1..s_S | zero pad]
@@ -13,9 +17,9 @@ gives both that sum and every a_q,s_i (the indicator channels; q and k get zero 
 match). One SDPA call per subject over its M tokens, on the batch rows that carry subjects,
 gives v*_i. No N x T matrix is built outside the attention kernel.
 
-Subjects that change nothing (strength 0 or recording only, no mask) give plain attention bit for bit: the
-scale is SDPA's default for d, and when probabilities are asked for, the output is plain attention's own call,
-since the zero channels change the sizes of the kernel's GEMMs and with them the order in which they sum.
+Subjects that change nothing (strength 0 or recording only, no mask, token weight 1) give plain attention bit for
+bit: the scale is SDPA's default for d, and when probabilities are asked for, the output is plain attention's own
+call, since the zero channels change the sizes of the kernel's GEMMs and with them the order in which they sum.
 
 token_index values are read on the host (validation, row selection): keep it on the CPU, where
 that costs no device sync; it is moved to q's device without blocking.
@@ -44,6 +48,8 @@ class SubjectBinding:
     strength: lambda in v_s* <- v_s* + lambda (v*_q - v_s*); 0 reproduces the plain layer.
     query_mask: (B or 1, N) in [0, 1] (clipped); where s* may be attended. Added as log(mask) to the
         logit of s* only (0 -> -inf, soft values down-weight), in rows that carry the subject.
+    token_weight: w > 0, added as log(w) to the logit of s* in rows that carry the subject: multiplies s*'s attention
+        before renormalisation; 1 changes nothing.
     """
 
     token_index: Tensor
@@ -51,6 +57,7 @@ class SubjectBinding:
     nested_values: Tensor | None = None
     strength: float = 1.0
     query_mask: Tensor | None = None
+    token_weight: float = 1.0
 
     def __post_init__(self) -> None:
         index = self.token_index
@@ -68,6 +75,9 @@ class SubjectBinding:
                     f"M >= 1, got {tuple(keys.shape)} and {tuple(values.shape)}")
         if not self.strength >= 0:  # also rejects NaN
             raise ValueError(f"strength must be >= 0 (0 = plain layer, 1 = full nested value), got {self.strength}")
+        if not 0 < self.token_weight < math.inf:  # also rejects NaN
+            raise ValueError(f"token_weight must be a finite number > 0 (1 = the subject token's attention unchanged), "
+                             f"got {self.token_weight}; to take the subject out, set its strength to 0 instead")
         if self.query_mask is not None and self.query_mask.ndim != 2:
             raise ValueError(
                 f"query_mask must be (B or 1, N): one weight per image token of this layer, got shape "
@@ -193,13 +203,18 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
         values_h = torch.cat([values_h, indicator.expand(-1, -1, heads, -1)], dim=-1)
         queries_h, keys_h = _with_zero_channels(queries_h, extra), _with_zero_channels(keys_h, extra)
 
-    bias = None  # additive log-mask on the subject columns only; None keeps the unmasked fast path
+    bias = None  # additive log-mask + log-weight on the subject columns only; None keeps the plain fast path
     for i, subject in enumerate(subjects):
+        column = None  # (B or 1, N or 1, 1): this subject's logit bias per query
         if subject.query_mask is not None:
-            log_mask = subject.query_mask.to(q).clamp(0, 1).log().unsqueeze(-1)  # (B or 1, N, 1)
-            bias = torch.where(is_subject[:, None, :, i], log_mask, 0.0 if bias is None else bias)
+            column = subject.query_mask.to(q).clamp(0, 1).log().unsqueeze(-1)
+        if subject.token_weight != 1:
+            log_weight = math.log(subject.token_weight)
+            column = q.new_full((1, 1, 1), log_weight) if column is None else column + log_weight
+        if column is not None:
+            bias = torch.where(is_subject[:, None, :, i], column, 0.0 if bias is None else bias)
     if bias is not None:
-        bias = bias.unsqueeze(1).expand(batch, 1, queries, context)
+        bias = bias.unsqueeze(1).expand(batch, 1, queries, context)  # (B, 1, N or 1, T) -> (B, 1, N, T)
 
     # SDPA's default scale for the unpadded d, computed as torch does (1.0 / sqrt(d) in double; d ** -0.5 may differ)
     default_scale = 1.0 / math.sqrt(head_dim)

@@ -51,7 +51,7 @@ from typing import Mapping
 import torch
 
 from .checkpoint_io import UnreadableFile, read_state_dict
-from .nested_adapter import CLIP_VISION, NestedAdapter, assembled_adapter, placeholder_state
+from .nested_adapter import CLIP_VISION, TEXT_ENCODER_WIDTHS, NestedAdapter, assembled_adapter, placeholder_state
 from .subject_resampler import ResamplerConfig
 from .unet_layers import CONTEXT_WIDTH, ip_adapter_layers, layers_with_widths
 
@@ -90,6 +90,11 @@ _BLOCK = {  # inside layers.<n>.
 }
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LAYER_MAP = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
+
+
+class WrongTextEncoders(ValueError):
+    """The subject word's embeddings come from the text encoders of another base family than the file's: the caller's
+    CLIP is at fault, not the file."""
 
 
 def resampler_key(name: str) -> str | None:
@@ -174,6 +179,11 @@ def nested_adapter_from_ip_adapter(state_dict: Mapping[str, torch.Tensor], initi
     if config.output_width != CONTEXT_WIDTH[family]:
         raise ValueError(f"its resampler makes {config.output_width}-wide tokens, but its {len(numbers)} layers are "
                          f"those of {family}, whose context is {CONTEXT_WIDTH[family]} wide")
+    encoders = sorted(TEXT_ENCODER_WIDTHS[family])
+    if sorted(initializer_embeddings) != encoders:
+        raise WrongTextEncoders(f"it is an IP-Adapter for {family}, whose text encoders are {encoders}, but the subject "
+                                f"word's embeddings come from text encoders {sorted(initializer_embeddings)}: connect "
+                                f"the CLIP of the {family} checkpoint the adapter is used with")
     widths = {}
     for number, layer in ip_adapter_layers(family).items():
         for kv in "kv":
@@ -196,12 +206,15 @@ def nested_adapter_from_ip_adapter(state_dict: Mapping[str, torch.Tensor], initi
 def load_ip_adapter_plus(path: str | Path, initializer_word: str, initializer_embeddings: dict[str, torch.Tensor],
                          subject_domain: str = "other", placeholder_word: str = "<subject>") -> NestedAdapter:
     """An IP-Adapter Plus file (.safetensors or .bin) as a NestedAdapter (see `nested_adapter_from_ip_adapter`), named
-    after the file; every refusal is an UnreadableFile naming the file, the problem and the fix."""
+    after the file; every refusal of the file is an UnreadableFile naming the file, the problem and the fix, and
+    embeddings for another family's text encoders a WrongTextEncoders naming the file."""
     path = Path(path)
     state_dict = read_state_dict(path, IP_ADAPTER_FIX, grouped=True)
     try:
         adapter = nested_adapter_from_ip_adapter(state_dict, initializer_word, initializer_embeddings, subject_domain,
                                                  placeholder_word, {"source": path.name, "form": path.suffix})
+    except WrongTextEncoders as error:  # the file is fine: the fix is the caller's CLIP
+        raise WrongTextEncoders(f"{path.name}: {error}") from None
     except ValueError as error:  # the one place the file's structural problems get its name and the fix
         raise UnreadableFile(path, str(error), IP_ADAPTER_FIX) from None
     adapter.name = path.stem

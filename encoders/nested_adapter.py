@@ -14,6 +14,7 @@ File format: safetensors. Tensors are the `NestedAdapter` state dict (`resampler
   provenance                 free dict: dataset, steps, base checkpoint hash, ...
 """
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class NestedAdapter(nn.Module):
                              f"({', '.join(f'{w} {n}' for w, n in CLIP_VISION.items())})")
         if vision_hidden_state not in VISION_HIDDEN_STATES:
             raise ValueError(f"vision_hidden_state must be one of {VISION_HIDDEN_STATES}, got {vision_hidden_state!r}")
+        if not 0 < special_token_weight < math.inf:  # also refuses NaN
+            raise ValueError(f"special_token_weight must be a finite number > 0 (the weight on the subject token's "
+                             f"attention; 1 = unchanged), got {special_token_weight}")
         self.base_family = base_family
         self.vision_hidden_state = vision_hidden_state  # which CLIP_VISION output the encoder was trained on
         self.subject_domain = subject_domain

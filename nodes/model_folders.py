@@ -6,6 +6,7 @@ import folder_paths
 MODEL_FOLDERS = {
     "fastcomposer": {".bin", ".safetensors"},
     "nested_attention": {".safetensors"},
+    "ipadapter": {".safetensors", ".bin"},  # IP-Adapter users' folder (IPAdapter_plus registers it too)
     "insightface": set(),
 }
 

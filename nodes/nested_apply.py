@@ -23,8 +23,9 @@ def patched_subjects(model, conditioning, strength: float, start_percent: float,
             nested = {key: (keys[0], values[0]) for key, (keys, values)
                       in subject.adapter.projections.project(subject.tokens.to(next(subject.adapter.parameters()))).items()}
         start, end = max(start_percent, subject.start_percent), min(end_percent, subject.end_percent)
+        token_weight = subject.token_weight or subject.adapter.special_token_weight  # 0: the adapter's own weight
         subjects.append(PatchedSubject(signature, subject, strength * subject.weight, sampling.percent_to_sigma(start),
-                                       sampling.percent_to_sigma(end), nested, subject.mask))
+                                       sampling.percent_to_sigma(end), nested, subject.mask, token_weight))
     if not subjects:
         raise ValueError("this conditioning binds no Nested Attention subject; connect the output of "
                          "'Nested Attention Encode'")
@@ -39,16 +40,25 @@ class ApplyNestedAttention:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A patched copy of the model: connect it to the sampler.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The SD1.5 or SDXL model you sample with (the one the adapters are for); "
+                                           "it is cloned, never changed."}),
             "positive": ("CONDITIONING", {"tooltip": "The output of 'Nested Attention Encode' (also the sampler's positive)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                                   "tooltip": "0: the base model; 1: the subject's nested value replaces the word's value."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                                   "tooltip": "How far each subject's nested value replaces its word's value, 0 to 2: "
+                                              "0 gives the base model, 1 replaces it, above 1 extrapolates. Each "
+                                              "subject's weight multiplies it."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Where in the schedule the subjects start acting, 0 to 1 (0 = the "
+                                                   "first step); each subject's own range applies too."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Where in the schedule the subjects stop acting, 0 to 1 (1 = the last "
+                                                 "step); above start_percent."}),
         }}
 
     @checked_inputs(("start_percent", "end_percent"))

@@ -11,6 +11,12 @@ from .nested_adapter_nodes import CATEGORY, HIDDEN_STATE_INDEX
 from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask
 
 CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
+TOKEN_WEIGHT_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                "tooltip": "Weight on the subject word's attention, 0 to 10: it multiplies the word's attention in "
+                                           "every cross-attention layer before the attention is renormalised (above 1 "
+                                           "the image comes in more, below 1 less). 0 = use the adapter's own weight "
+                                           "(its special_token_weight metadata: 1.0 for IP-Adapter files and this "
+                                           "pack's adapters)."})
 
 
 @torch.no_grad()  # the executor runs nodes under inference_mode; direct callers (scripts, tests) must not build graphs
@@ -47,24 +53,29 @@ class NestedAttentionSubject:
     FUNCTION = "encode"
     RETURN_TYPES = ("SUBJECTS",)
     RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = ("The subject list with this subject appended: chain the next subject's node, or connect it to "
+                       "'Nested Attention Encode'.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "nested_adapter": ("NESTED_ADAPTER",),
+                "nested_adapter": ("NESTED_ADAPTER", {"tooltip": "The adapter that encodes this subject's photos (from "
+                                                                 "a Nested Attention loader); each subject may have "
+                                                                 "its own."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with."}),
                 "image": ("IMAGE", {"tooltip": "One or more photos of the subject; their encodings are averaged."}),
                 **SUBJECT_INPUTS,
             },
-            "optional": MASK_INPUTS,
+            "optional": {**MASK_INPUTS, "token_weight": TOKEN_WEIGHT_INPUT},
         }
 
     @checked_inputs(("start_percent", "end_percent"))
     def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None,
-               mask=None, mask_feather=0):
+               mask=None, mask_feather=0, token_weight=0.0):
         subject = checked_subject(word, image, weight, start_percent, end_percent)
-        subject = replace(subject, adapter=nested_adapter, tokens=encode_subject_tokens(nested_adapter, clip_vision, image))
+        subject = replace(subject, adapter=nested_adapter, tokens=encode_subject_tokens(nested_adapter, clip_vision, image),
+                          token_weight=token_weight)
         return (append_subject(subjects, with_mask(subject, mask, mask_feather)),)
 
 

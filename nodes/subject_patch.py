@@ -49,6 +49,7 @@ class PatchedSubject:
     sigma_end: float = 0.0
     nested: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer key -> (K~, V~), each (M, inner)
     mask: torch.Tensor | None = None                        # (H, W) in [0, 1]
+    token_weight: float = 1.0                               # on s*'s attention, where its nested value acts
 
     def active(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
@@ -213,10 +214,12 @@ class SubjectAttentionPatch:
             key, bindings, sources = layer_key(extra_options), [], []
             for subject, token_index in found:
                 nested_keys, nested_values = self._nested(subject, key, q)
-                acts = subject.mask is not None or (nested_keys is not None and subject.strength > 0)
-                if acts or (record and subject.source in self.recording.sources):
+                nests = nested_keys is not None and subject.strength > 0
+                if subject.mask is not None or nests or (record and subject.source in self.recording.sources):
+                    # the token weight belongs to the nested value: strength 0 leaves the word as the base model has it
                     bindings.append(SubjectBinding(token_index, nested_keys, nested_values, subject.strength,
-                                                   self._query_mask(subject, extra_options, q)))
+                                                   self._query_mask(subject, extra_options, q),
+                                                   subject.token_weight if nests else 1.0))
                     sources.append(subject.source)
             heads = extra_options["n_heads"]
             if not bindings:
@@ -277,4 +280,4 @@ def _rows_of(binding: SubjectBinding, rows: slice | torch.Tensor) -> SubjectBind
         return take(tensor) if is_per_row else tensor
 
     return SubjectBinding(take(binding.token_index), per_row(binding.nested_keys, 3), per_row(binding.nested_values, 3),
-                          binding.strength, per_row(binding.query_mask, 2))
+                          binding.strength, per_row(binding.query_mask, 2), binding.token_weight)

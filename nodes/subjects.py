@@ -26,6 +26,7 @@ class Subject:
     end_percent: float = 1.0
     adapter: object | None = None          # NestedAdapter, for Nested Attention
     tokens: torch.Tensor | None = None     # the adapter's encoder output for these images, (1, M, D)
+    token_weight: float = 0.0              # Nested Attention: weight on the word's attention; 0 = the adapter's own
 
 
 def append_subject(subjects: tuple[Subject, ...] | None, subject: Subject) -> tuple[Subject, ...]:
@@ -60,18 +61,22 @@ SUBJECT_INPUTS = {
     "word": ("STRING", {"default": "person", "tooltip": "The prompt word that stands for this subject, e.g. 'man', "
                         "'dog'. Its first occurrence not taken by an earlier subject is bound."}),
     "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
-                         "tooltip": "How strongly this subject's photos act: 0 = the word alone, 1 = as trained."}),
+                         "tooltip": "How strongly this subject's photos act, 0 to 2: 0 = the word alone, 1 = as "
+                                    "trained, above 1 stronger."}),
     "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "Fraction of the schedule where this subject starts acting."}),
+                                "tooltip": "Where in the schedule this subject starts acting, 0 to 1 (0 = the first "
+                                           "step)."}),
     "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "Fraction of the schedule where this subject stops acting."}),
+                              "tooltip": "Where in the schedule this subject stops acting, 0 to 1 (1 = the last "
+                                         "step); above start_percent."}),
 }
 MASK_INPUTS = {
     "subjects": ("SUBJECTS", {"tooltip": "A subject list to append this subject to."}),
     "mask": ("MASK", {"tooltip": "Where this subject may appear, at the generated image's aspect ratio (white = "
                       "here). Its word is attended only there, at every attention resolution."}),
     "mask_feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
-                             "tooltip": "Soften the mask's edge over this many pixels (of the mask)."}),
+                             "tooltip": "Softens the mask's edge over this many pixels of the mask, 0 to 256 (0 = "
+                                        "a hard edge)."}),
 }
 
 
@@ -83,6 +88,8 @@ class AddSubject:
     FUNCTION = "add"
     RETURN_TYPES = ("SUBJECTS",)
     RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = ("The subject list with this subject appended: chain the next 'Add Subject', or connect it to the "
+                       "subjects input of an encode node.",)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -1,17 +1,55 @@
-"""Writes the example workflows in workflows/ (graph-editor format), laid out on a grid. Run from the pack root:
+"""Writes the example workflows in workflows/ (graph-editor format), from the table that also gives their template cards
+(tools/build_thumbnails.py). Run from the pack root:
     python tools/build_workflows.py
+
+Layout, in the editor's units: nodes stand in columns, each node's title bar (drawn above its pos) NODE_GAP below the
+node over it; a group is what the editor's "fit group to nodes" makes of its nodes. Sizes leave room beyond what the
+editor computes for a node's slots and widgets (20 px a slot row, 24 a widget, 64 a text box), so it draws them as saved.
 """
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 NEGATIVE = "blurry, lowres, deformed, bad anatomy, watermark, text"
+PHOTOS = "subject_personalization"  # the input subfolder the pack copies photos/ into (nodes/example_photos.py)
+TITLE_BAR = 30  # the editor draws a node's title bar this far above its pos
+NODE_GAP = 40  # from a node's bottom to the next title bar: room for the pack badge the editor draws there
+COLUMN_GAP = 80  # room for the links between columns
+GROUP_PAD, GROUP_TITLE = 10, 34  # the editor's fit-to-nodes padding, and its group title bar (24 px font x 1.4)
+GROUP_HEAD = GROUP_TITLE + GROUP_PAD  # above a group's first title bar
+TOP = 20 + GROUP_HEAD  # every column's first title bar, so that a group's title fits above it
+WIDE = 480  # wide enough for a file name such as CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors beside its widget label
+SUBJECTS, PROMPT, SAMPLING, MAPS = "#3f789e", "#8A8", "#88A", "#a1309b"  # group colours of the editor's palette
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str  # workflows/<name>.json; its template card is workflows/<name>.jpg
+    method: str  # on the card
+    title: str  # on the card
+    prompt: str
+    subjects: tuple[tuple[str, str], ...]  # (word, photo in photos/), in subject order
+    build: Callable[["Example"], "Graph"]
+    adapters: tuple[str, ...] = ()  # Nested Attention: each subject's IP-Adapter file (models/ipadapter)
+    regions: bool = False  # each subject held to its own side of the picture
+
+
+def drawn_box(node) -> tuple[int, int, int, int]:
+    """The node as the editor draws it, title bar included: left, top, right, bottom."""
+    (x, y), (width, height) = node["pos"], node["size"]
+    return x, y - TITLE_BAR, x + width, y + height
+
+
+def apart(a, b, gap: int) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
 class Graph:
     def __init__(self):
-        self.nodes, self.links = [], []
+        self.nodes, self.links, self.groups, self.members = [], [], [], []
 
-    def node(self, type_, pos, size, widgets, inputs=(), outputs=(), title=None):
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
+    def node(self, type_, size, widgets, inputs=(), outputs=(), title=None):
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0,
                 "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
@@ -30,162 +68,248 @@ class Graph:
         source["outputs"][out_slot]["links"].append(link_id)
         target["inputs"][in_slot]["link"] = link_id
 
+    def group(self, title, color, *nodes):
+        boxes = [drawn_box(node) for node in nodes]
+        left, top = min(b[0] for b in boxes) - GROUP_PAD, min(b[1] for b in boxes) - GROUP_HEAD
+        right, bottom = max(b[2] for b in boxes) + GROUP_PAD, max(b[3] for b in boxes) + GROUP_PAD
+        bounding = [left, top, right - left, bottom - top]
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": bounding, "color": color,
+                            "font_size": 24, "flags": {}})
+        self.members.append({node["id"] for node in nodes})
+
+    def check_layout(self, name):
+        """Title bars and badges clear of every other node; groups apart, each over its own nodes only."""
+        boxes = {node["id"]: drawn_box(node) for node in self.nodes}
+        ids = sorted(boxes)
+        for i, a in enumerate(ids):
+            for b in ids[i + 1:]:
+                if not apart(boxes[a], boxes[b], NODE_GAP):
+                    raise ValueError(f"{name}: nodes {a} and {b} are less than {NODE_GAP} px apart")
+        areas = [(x, y, x + w, y + h) for x, y, w, h in (group["bounding"] for group in self.groups)]
+        for i, (area, members) in enumerate(zip(areas, self.members)):
+            strangers = [id_ for id_ in ids if id_ not in members and not apart(area, boxes[id_], 0)]
+            if strangers or not all(apart(area, other, 0) for other in areas[i + 1:]):
+                raise ValueError(f"{name}: group {self.groups[i]['title']!r} covers nodes {strangers} or another group")
+
     def save(self, path):
+        self.check_layout(path)
         workflow = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                    "links": self.links, "groups": [], "config": {},
+                    "links": self.links, "groups": self.groups, "config": {},
                     "extra": {"ds": {"scale": 0.9, "offset": [40, 40]}}, "version": 0.4}
         with open(path, "w") as f:
             json.dump(workflow, f, indent=2)
             f.write("\n")
 
 
-def sample_and_save(g, x, settings, prefix, model, positive, negative, latent, vae):
-    """KSampler -> VAE Decode -> Save Image in the two columns starting at x; (node, output name) pairs in."""
-    sampler = g.node("KSampler", (x, 60), (320, 270), settings,
+def column(x, top, *nodes):
+    """Stack the nodes at x, the first title bar at top; the top of whatever comes below them."""
+    for node in nodes:
+        node["pos"] = [x, top + TITLE_BAR]
+        top += TITLE_BAR + node["size"][1] + NODE_GAP
+    return top
+
+
+def right_of(*nodes):
+    return max(node["pos"][0] + node["size"][0] for node in nodes) + COLUMN_GAP
+
+
+def photo(g, word, file, width):
+    return g.node("LoadImage", (width, 340), [f"{PHOTOS}/{file}", "image"],
+                  outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
+
+
+def negative_prompt(g, width, clip):
+    node = g.node("CLIPTextEncode", (width, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
+                  outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
+    g.link(*clip, node, "clip")
+    return node
+
+
+def fastcomposer_loader(g):
+    return g.node("FastComposerLoader", (400, 160), ["pytorch_model.bin"],
+                  outputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("clip_vision", "CLIP_VISION"),
+                           ("fastcomposer", "FASTCOMPOSER")], title="FastComposer models")
+
+
+def fastcomposer_encode(g, loader, prompt):
+    encode = g.node("FastComposerEncode", (420, 320), [prompt, "", 0.2],
+                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
+                            ("subjects", "SUBJECTS")] + [(f"subject_{i}", "IMAGE") for i in range(1, 5)],
+                    outputs=[("positive", "CONDITIONING")], title="Prompt with subjects")
+    for name in ("clip", "clip_vision", "fastcomposer"):
+        g.link(loader, name, encode, name)
+    return encode
+
+
+def sample_and_save(g, x, settings, prefix, model, positive, negative, vae, patches=()):
+    """The Sampling group at x: the model patches, image size and sampler, then decode and save; the decode node."""
+    latent = g.node("EmptyLatentImage", (patches[0]["size"][0] if patches else 320, 120), [512, 512, 1],
+                    outputs=[("LATENT", "LATENT")], title="Image size")
+    sampler = g.node("KSampler", (latent["size"][0], 280), settings,
                      inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")])
-    decode = g.node("VAEDecode", (x + 360, 60), (210, 50), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                    outputs=[("IMAGE", "IMAGE")])
-    save = g.node("SaveImage", (x + 360, 160), (420, 460), [prefix], inputs=[("images", "IMAGE")])
-    for (source, output), name in zip((model, positive, negative, latent), ("model", "positive", "negative", "latent_image")):
+                             ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], title="Sampler")
+    decode = g.node("VAEDecode", (420, 60), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("IMAGE", "IMAGE")], title="Decode")
+    save = g.node("SaveImage", (420, 460), [prefix], inputs=[("images", "IMAGE")], title="Result")
+    column(x, TOP, *patches, latent, sampler)
+    column(right_of(sampler), TOP, decode, save)
+    g.group("Sampling", SAMPLING, *patches, latent, sampler, decode, save)
+    for (source, output), name in zip((model, positive, negative), ("model", "positive", "negative")):
         g.link(source, output, sampler, name)
+    g.link(latent, "LATENT", sampler, "latent_image")
     g.link(sampler, "LATENT", decode, "samples")
     g.link(*vae, decode, "vae")
     g.link(decode, "IMAGE", save, "images")
+    return decode
 
 
-def fastcomposer(path, prompt, images):
+def fastcomposer(example):
     g = Graph()
-    loader = g.node("FastComposerLoader", (40, 60), (320, 180), ["pytorch_model.bin"],
-                    outputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("clip_vision", "CLIP_VISION"),
-                             ("fastcomposer", "FASTCOMPOSER")])
-    loads = [g.node("LoadImage", (40, 300 + 360 * i), (320, 320), [name, "image"],
-                    outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Subject {i + 1}")
-             for i, name in enumerate(images)]
-    subject_inputs = [(f"subject_{i}", "IMAGE") for i in range(1, 5)]
-    encode = g.node("FastComposerEncode", (420, 60), (420, 300), [prompt, "", 0.2],
-                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
-                            ("subjects", "SUBJECTS")] + subject_inputs,
-                    outputs=[("CONDITIONING", "CONDITIONING")])
-    negative = g.node("CLIPTextEncode", (420, 400), (420, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
-                      outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
-    latent = g.node("EmptyLatentImage", (420, 600), (420, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
-    for name in ("clip", "clip_vision", "fastcomposer"):
-        g.link(loader, name, encode, name)
-    for i, load in enumerate(loads):
-        g.link(load, "IMAGE", encode, f"subject_{i + 1}")
-    g.link(loader, "clip", negative, "clip")
-    sample_and_save(g, 900, [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], "fastcomposer", (loader, "model"),
-                    (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"), (loader, "vae"))
-    g.save(path)
+    loader = fastcomposer_loader(g)
+    photos = [photo(g, f"{word} (subject_{i})", file, 400) for i, (word, file) in enumerate(example.subjects, 1)]
+    column(40, column(40, TOP, loader) + GROUP_HEAD, *photos)
+    g.group("Subjects", SUBJECTS, *photos)
+    encode = fastcomposer_encode(g, loader, example.prompt)
+    for i, image in enumerate(photos, 1):
+        g.link(image, "IMAGE", encode, f"subject_{i}")
+    negative = negative_prompt(g, 420, (loader, "clip"))
+    column(right_of(loader), TOP, encode, negative)
+    g.group("Prompt", PROMPT, encode, negative)
+    sample_and_save(g, right_of(encode), [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], "fastcomposer",
+                    (loader, "model"), (encode, "positive"), (negative, "CONDITIONING"), (loader, "vae"))
+    return g
 
 
-def nested(path, prompt, subjects):
-    """subjects: [(adapter file, word, image file)]; each subject uses its own adapter node."""
+SIDES = (("left", 0.0, 0.5), ("right", 0.5, 1.0))  # a region per subject: name, left and right edges
+
+
+def region_mask(g, word, side, left, right):
+    return g.node("SubjectRegionMask", (340, 200), [512, 512, left, 0.0, right, 1.0], outputs=[("mask", "MASK")],
+                  title=f"Region: {word} ({side} half)")
+
+
+def nested_ip_adapter(example):
+    """IP-Adapter Plus SD1.5 files as the nested adapters, one loader per subject word (and file)."""
     g = Graph()
-    checkpoint = g.node("CheckpointLoaderSimple", (40, 60), (320, 100), ["v1-5-pruned-emaonly.safetensors"],
-                        outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
-    vision = g.node("CLIPVisionLoader", (40, 200), (320, 60), ["CLIP-ViT-L-14.safetensors"],
-                    outputs=[("CLIP_VISION", "CLIP_VISION")])
-    previous = None
-    for i, (adapter_file, word, image_file) in enumerate(subjects):
-        top = 60 + 420 * i
-        adapter = g.node("NestedAttentionLoader", (400, top), (320, 60), [adapter_file],
-                         outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter: {word}")
-        image = g.node("LoadImage", (400, top + 100), (320, 280), [image_file, "image"],
-                       outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
-        subject = g.node("NestedAttentionSubject", (760, top), (320, 230), [word, 1.0, 0.0, 1.0, 0],
-                         inputs=[("nested_adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"), ("image", "IMAGE"),
-                                 ("subjects", "SUBJECTS"), ("mask", "MASK")],
+    checkpoint = g.node("CheckpointLoaderSimple", (WIDE, 110), ["v1-5-pruned-emaonly.safetensors"],
+                        outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title="SD1.5 checkpoint")
+    vision = g.node("CLIPVisionLoader", (WIDE, 70), ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],
+                    outputs=[("CLIP_VISION", "CLIP_VISION")], title="Image encoder (CLIP ViT-H/14)")
+    column(40, TOP, checkpoint, vision)
+    members, previous, top = [], None, TOP
+    for (word, file), adapter_file, (side, left, right) in zip(example.subjects, example.adapters, SIDES):
+        kind = "IP-Adapter Plus Face" if "face" in adapter_file else "IP-Adapter Plus"
+        adapter = g.node("NestedAttentionIPAdapterLoader", (400, 110), [adapter_file, word],
+                         inputs=[("clip", "CLIP")], outputs=[("nested_adapter", "NESTED_ADAPTER")],
+                         title=f"Adapter for {word} ({kind})")
+        image = photo(g, word, file, 400)
+        subject = g.node("NestedAttentionSubject", (360, 290), [word, 1.0, 0.0, 1.0, 0, 0.0],
+                         inputs=[("nested_adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"),
+                                 ("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
+        regions = [region_mask(g, word, side, left, right)] if example.regions else []
+        top = max(column(right_of(checkpoint), top, adapter, image), column(right_of(adapter), top, subject, *regions))
+        for region in regions:
+            g.link(region, "mask", subject, "mask")
+        g.link(checkpoint, "CLIP", adapter, "clip")
         g.link(adapter, "nested_adapter", subject, "nested_adapter")
         g.link(vision, "CLIP_VISION", subject, "clip_vision")
         g.link(image, "IMAGE", subject, "image")
         if previous is not None:
             g.link(previous, "subjects", subject, "subjects")
+        members += [adapter, image, subject, *regions]
         previous = subject
-    column = 1120
-    encode = g.node("NestedAttentionEncode", (column, 60), (400, 200), [prompt],
-                    inputs=[("clip", "CLIP"), ("subjects", "SUBJECTS")], outputs=[("CONDITIONING", "CONDITIONING")])
-    negative = g.node("CLIPTextEncode", (column, 300), (400, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
-                      outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
-    apply = g.node("ApplyNestedAttention", (column, 500), (400, 130), [1.0, 0.0, 1.0],
-                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("MODEL", "MODEL")])
-    latent = g.node("EmptyLatentImage", (column, 670), (400, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
+    g.group("Subjects", SUBJECTS, *members)
+    encode = g.node("NestedAttentionEncode", (420, 200), [example.prompt],
+                    inputs=[("clip", "CLIP"), ("subjects", "SUBJECTS")], outputs=[("positive", "CONDITIONING")],
+                    title="Prompt with subjects")
+    negative = negative_prompt(g, 420, (checkpoint, "CLIP"))
+    column(right_of(*members), TOP, encode, negative)
+    g.group("Prompt", PROMPT, encode, negative)
     g.link(checkpoint, "CLIP", encode, "clip")
     g.link(previous, "subjects", encode, "subjects")
-    g.link(checkpoint, "CLIP", negative, "clip")
+    apply = g.node("ApplyNestedAttention", (360, 150), [1.0, 0.0, 1.0],
+                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("model", "MODEL")],
+                   title="Nested Attention on the model")
     g.link(checkpoint, "MODEL", apply, "model")
-    g.link(encode, "CONDITIONING", apply, "positive")
-    sample_and_save(g, 1560, [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0], "nested_attention", (apply, "MODEL"),
-                    (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"), (checkpoint, "VAE"))
-    g.save(path)
+    g.link(encode, "positive", apply, "positive")
+    sample_and_save(g, right_of(encode), [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0], "nested_attention",
+                    (apply, "model"), (encode, "positive"), (negative, "CONDITIONING"), (checkpoint, "VAE"),
+                    patches=(apply,))
+    return g
 
 
-def two_subjects_with_masks(path):
+def two_subjects_with_masks(example):
     """FastComposer with a subject list: each person held to one half of the picture, and where they landed shown."""
     g = Graph()
-    loader = g.node("FastComposerLoader", (40, 60), (320, 180), ["pytorch_model.bin"],
-                    outputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("clip_vision", "CLIP_VISION"),
-                             ("fastcomposer", "FASTCOMPOSER")])
-    previous = None
-    for i, (word, image_file, left, right) in enumerate((("man", "subject_man.png", 0.0, 0.5),
-                                                          ("woman", "subject_woman.png", 0.5, 1.0))):
-        top = 300 + 400 * i
-        image = g.node("LoadImage", (40, top), (320, 320), [image_file, "image"],
-                       outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
-        region = g.node("SubjectRegionMask", (400, top), (320, 200), [512, 512, left, 0.0, right, 1.0],
-                        outputs=[("MASK", "MASK")], title=f"Region: {word} ({'left' if left == 0 else 'right'} half)")
-        subject = g.node("AddSubject", (760, top), (320, 230), [word, 1.0, 0.0, 1.0, 16],
+    loader = fastcomposer_loader(g)
+    top = column(40, TOP, loader) + GROUP_HEAD
+    members, previous = [], None
+    for (word, file), (side, left, right) in zip(example.subjects, SIDES):
+        image = photo(g, word, file, 400)
+        region = region_mask(g, word, side, left, right)
+        subject = g.node("AddSubject", (340, 230), [word, 1.0, 0.0, 1.0, 16],
                          inputs=[("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
+        next_top = column(40, top, image)
+        column(right_of(image), top, region)
+        column(right_of(region), top, subject)
+        top = next_top
         g.link(image, "IMAGE", subject, "image")
-        g.link(region, "MASK", subject, "mask")
+        g.link(region, "mask", subject, "mask")
         if previous is not None:
             g.link(previous, "subjects", subject, "subjects")
+        members += [image, region, subject]
         previous = subject
-    column = 1120
-    encode = g.node("FastComposerEncode", (column, 60), (420, 300), ["a man and a woman reading a book together", "", 0.2],
-                    inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
-                            ("subjects", "SUBJECTS")] + [(f"subject_{i}", "IMAGE") for i in range(1, 5)],
-                    outputs=[("CONDITIONING", "CONDITIONING")])
-    negative = g.node("CLIPTextEncode", (column, 400), (420, 160), [NEGATIVE], inputs=[("clip", "CLIP")],
-                      outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt")
-    masks = g.node("ApplySubjectMasks", (column, 600), (420, 60), [],
-                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("MODEL", "MODEL")])
-    record = g.node("RecordSubjectAttention", (column, 700), (420, 140), ["all", 0.0, 1.0],
-                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
-                    outputs=[("model", "MODEL"), ("recording", "SUBJECT_ATTENTION")])
-    latent = g.node("EmptyLatentImage", (column, 880), (420, 110), [512, 512, 1], outputs=[("LATENT", "LATENT")])
-    for name in ("clip", "clip_vision", "fastcomposer"):
-        g.link(loader, name, encode, name)
+    g.group("Subjects", SUBJECTS, *members)
+    encode = fastcomposer_encode(g, loader, example.prompt)
     g.link(previous, "subjects", encode, "subjects")
-    g.link(loader, "clip", negative, "clip")
+    negative = negative_prompt(g, 420, (loader, "clip"))
+    column(right_of(*members), TOP, encode, negative)
+    g.group("Prompt", PROMPT, encode, negative)
+    masks = g.node("ApplySubjectMasks", (420, 60), [], inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
+                   outputs=[("model", "MODEL")], title="Each subject in its region")
+    record = g.node("RecordSubjectAttention", (420, 150), ["all", 0.0, 1.0],
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
+                    outputs=[("model", "MODEL"), ("recording", "SUBJECT_ATTENTION")],
+                    title="Record where subjects are attended")
     g.link(loader, "model", masks, "model")
-    g.link(encode, "CONDITIONING", masks, "positive")
-    g.link(masks, "MODEL", record, "model")
-    g.link(encode, "CONDITIONING", record, "positive")
-    sample_and_save(g, 1580, [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], "fastcomposer_masks",
-                    (record, "model"), (encode, "CONDITIONING"), (negative, "CONDITIONING"), (latent, "LATENT"),
-                    (loader, "vae"))
-    decode = next(node for node in g.nodes if node["type"] == "VAEDecode")
-    maps = g.node("SubjectAttentionMaps", (1940, 660), (420, 130), [0.6, 0.5],
+    g.link(encode, "positive", masks, "positive")
+    g.link(masks, "model", record, "model")
+    g.link(encode, "positive", record, "positive")
+    decode = sample_and_save(g, right_of(encode), [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0],
+                             "fastcomposer_masks", (record, "model"), (encode, "positive"), (negative, "CONDITIONING"),
+                             (loader, "vae"), patches=(masks, record))
+    maps = g.node("SubjectAttentionMaps", (420, 130), [0.6, 0.5],
                   inputs=[("recording", "SUBJECT_ATTENTION"), ("image", "IMAGE")],
-                  outputs=[("heatmap", "IMAGE"), ("masks", "MASK")])
-    preview = g.node("PreviewImage", (1940, 830), (420, 460), [], inputs=[("images", "IMAGE")], title="Where each subject landed")
+                  outputs=[("heatmap", "IMAGE"), ("masks", "MASK")], title="Attention maps")
+    preview = g.node("PreviewImage", (420, 460), [], inputs=[("images", "IMAGE")], title="Where each subject landed")
+    column(right_of(decode), TOP, maps, preview)
+    g.group("Attention maps", MAPS, maps, preview)
     g.link(record, "recording", maps, "recording")
     g.link(decode, "IMAGE", maps, "image")
     g.link(maps, "heatmap", preview, "images")
-    g.save(path)
+    return g
 
 
-fastcomposer("workflows/fastcomposer_single_subject.json", "a man <|image|> sitting in a cafe, photograph",
-             ["subject_man.png"])
-fastcomposer("workflows/fastcomposer_two_subjects.json", "a man <|image|> and a woman <|image|> reading a book together",
-             ["subject_man.png", "subject_woman.png"])
-nested("workflows/nested_single_subject.json", "a photo of a person hiking in the mountains, golden hour",
-       [("nested_person_sd15.safetensors", "person", "subject_person.png")])
-nested("workflows/nested_person_and_pet.json", "a photo of a person sitting on a bench with a dog in a park",
-       [("nested_person_sd15.safetensors", "person", "subject_person.png"),
-        ("nested_pet_sd15.safetensors", "dog", "subject_dog.png")])
-two_subjects_with_masks("workflows/two_subjects_with_masks.json")
+EXAMPLES = (
+    Example("fastcomposer_single_subject", "FastComposer", "One subject in a new scene",
+            "a man <|image|> sitting in a cafe, photograph", (("man", "camera.jpg"),), fastcomposer),
+    Example("fastcomposer_two_subjects", "FastComposer", "Two subjects in one picture",
+            "a man <|image|> and a woman <|image|> reading a book together",
+            (("man", "camera.jpg"), ("woman", "astronaut.jpg")), fastcomposer),
+    Example("nested_ipadapter_single_subject", "Nested Attention", "One subject, IP-Adapter Plus Face weights",
+            "a photo of a woman hiking in the mountains, golden hour", (("woman", "astronaut.jpg"),),
+            nested_ip_adapter, adapters=("ip-adapter-plus-face_sd15.safetensors",)),
+    Example("nested_ipadapter_person_and_cat", "Nested Attention", "A woman and a cat, one IP-Adapter file each",
+            "a photo of a woman sitting on a bench with a cat in a park",
+            (("woman", "astronaut.jpg"), ("cat", "chelsea.jpg")), nested_ip_adapter,
+            adapters=("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"), regions=True),
+    Example("two_subjects_with_masks", "FastComposer", "Two subjects, one region each, attention maps",
+            "a man and a woman reading a book together", (("man", "camera.jpg"), ("woman", "astronaut.jpg")),
+            two_subjects_with_masks),
+)
+
+if __name__ == "__main__":
+    for example in EXAMPLES:
+        example.build(example).save(f"workflows/{example.name}.json")

@@ -4,11 +4,12 @@
         --subject man.jpg --subject woman.jpg
 
 With the workflow's weights installed in ComfyUI's models folders, this renders the workflow as saved, with
-your subject photos. Without them it runs a SELF-CHECK instead: the same graph on seeded random weights
-(written to a temporary folder) and synthetic subject images, at 64x64 with 2 steps. Its image is noise by
-design; it shows that the pack, the graph and ComfyUI work together on this machine. The FastComposer stand-in
-has the official file's keys, shapes and dtypes and goes through the same loader; its tensors share a few random
-blocks, so it takes about 0.7 GB of disk instead of 5.5 GB.
+your subject photos (default: the workflow's own, shipped in photos/). Without them a FastComposer workflow runs
+a SELF-CHECK instead: the same graph on seeded random weights (written to a temporary folder) and the shipped
+photos, at 64x64 with 2 steps. Its image is noise by design; it shows that the pack, the graph and ComfyUI work
+together on this machine. The FastComposer stand-in has the official file's keys, shapes and dtypes and goes
+through the same loader; its tensors share a few random blocks, so it takes about 0.7 GB of disk instead of 5.5 GB.
+Other workflows without their files stop with the list of what to download.
 """
 import argparse
 import json
@@ -22,16 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tools folder onl
 from comfy_headless import HeadlessComfy  # noqa: E402
 
 SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
-LOADERS = {"FastComposerLoader": ("fastcomposer", "checkpoint")}
+PHOTOS = Path(__file__).resolve().parent.parent / "photos"
+PHOTOS_SUBFOLDER = "subject_personalization"  # where the pack copies photos/ in ComfyUI's input folder
+# Loader node -> (model folder, input naming the file)
+LOADERS = {"FastComposerLoader": ("fastcomposer", "checkpoint"), "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
+           "CLIPVisionLoader": ("clip_vision", "clip_name"), "NestedAttentionIPAdapterLoader": ("ipadapter", "ipadapter"),
+           "NestedAttentionLoader": ("nested_attention", "adapter"),
+           "NestedAttentionOfficialLoader": ("nested_attention", "checkpoint")}
+STAND_INS = {"FastComposerLoader"}  # the loaders the self-check has seeded random weights for
 
 
-def missing_weights(comfy: HeadlessComfy, prompt: dict) -> list[str]:
-    missing = []
+def missing_weights(comfy: HeadlessComfy, prompt: dict) -> dict[str, str]:
+    """'models/<folder>/<file>' -> loader node type, for every model file the workflow names that is not installed."""
+    missing = {}
     for node in prompt.values():
         if node["class_type"] in LOADERS:
             folder, input_name = LOADERS[node["class_type"]]
             if node["inputs"][input_name] not in comfy.folder_paths.get_filename_list(folder):
-                missing.append(f"models/{folder}/{node['inputs'][input_name]}")
+                missing[f"models/{folder}/{node['inputs'][input_name]}"] = node["class_type"]
     return missing
 
 
@@ -43,15 +52,6 @@ def write_random_weights(comfy: HeadlessComfy, prompt: dict) -> None:
             name = Path(node["inputs"]["checkpoint"]).with_suffix(".bin").name  # the light stand-in is a pickle
             write_random_fastcomposer(comfy.model_dir("fastcomposer") / name, seed=0, light=True)
             node["inputs"]["checkpoint"] = name
-
-
-def synthetic_subject(path: Path, seed: int) -> None:
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:128, :96]
-    inside = ((y - 64) / 40) ** 2 + ((x - 48) / 30) ** 2 <= 1
-    Image.fromarray(np.where(inside[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)).save(path)
 
 
 def main() -> None:
@@ -68,6 +68,9 @@ def main() -> None:
     comfy = HeadlessComfy(args.comfyui)
     prompt = comfy.workflow_to_prompt(json.loads(args.workflow.read_text()))
     missing = missing_weights(comfy, prompt)
+    if set(missing.values()) - STAND_INS:
+        parser.error(f"{args.workflow.name} needs {', '.join(missing)} in ComfyUI's folders (README: the files each "
+                     f"workflow needs); the self-check on random weights covers the FastComposer workflows only")
     scratch = Path(tempfile.mkdtemp(prefix="subject_personalization_selfcheck_")) if missing else None
     try:
         run(comfy, prompt, args, parser, missing, scratch)
@@ -77,10 +80,11 @@ def main() -> None:
 
 
 def run(comfy: HeadlessComfy, prompt: dict, args: argparse.Namespace, parser: argparse.ArgumentParser,
-        missing: list[str], scratch: Path | None) -> None:
+        missing: dict[str, str], scratch: Path | None) -> None:
     if missing:
         print(f"SELF-CHECK on seeded random weights (not installed: {', '.join(missing)}); the image is noise by design")
-        comfy.use_scratch_directories(scratch, tuple(folder for folder, _ in LOADERS.values()))
+        comfy.use_scratch_directories(scratch, tuple(LOADERS[loader][0] for loader in STAND_INS))
+        shutil.copytree(PHOTOS, comfy.input_dir / PHOTOS_SUBFOLDER, ignore=shutil.ignore_patterns("*.md"))
         write_random_weights(comfy, prompt)
         for node in prompt.values():
             if node["class_type"] == "EmptyLatentImage":
@@ -95,8 +99,6 @@ def run(comfy: HeadlessComfy, prompt: dict, args: argparse.Namespace, parser: ar
         target = comfy.input_dir / f"run_workflow_subject_{index + 1}.png"
         if args.subject:
             shutil.copy(args.subject[index], target)
-        elif missing:
-            synthetic_subject(target, seed=index)
         elif not (comfy.input_dir / node["inputs"]["image"]).exists():
             parser.error(f"give the subject photos with --subject (the workflow's {node['inputs']['image']} is not in ComfyUI's input folder)")
         else:

@@ -19,6 +19,7 @@ class TrainConfig:
     subject_domain: str = "person"
     vision_model: str = "ViT-L/14"
     encoder: dict = field(default_factory=dict)   # resampler overrides: num_queries, depth, width, heads
+    init_from: str = ""                     # start from an IP-Adapter Plus file or an adapter file ("" = fresh)
     train_vision_layers: int = 0            # fine-tune copies of the last N CLIP vision layers (kept in the adapter)
     vision_learning_rate: float = 1e-5      # their learning rate (they start trained; the rest starts fresh)
     resolution: int = 512

@@ -11,14 +11,18 @@ from .trainer import Trainer, load_base_models
 from .validation import render_validation
 
 
-def resolve_model_file(name: str, folder: str) -> str:
-    """A path as given, or a file name in ComfyUI's models/<folder>/."""
+def resolve_model_file(name: str, *folders: str) -> str:
+    """A path as given, or a file name in one of ComfyUI's models/<folder>/ (the first that holds it)."""
     import folder_paths
+    named = " or ".join(f"models/{folder}/" for folder in folders)
     if not name:
-        raise ValueError(f"the config names no {folder} file: set it to a path or a file name in models/{folder}/")
+        raise ValueError(f"the config names no {folders[0]} file: set it to a path or a file name in {named}")
     if Path(name).is_file():
         return name
-    return folder_paths.get_full_path_or_raise(folder, name)
+    found = next((path for folder in folders if (path := folder_paths.get_full_path(folder, name))), None)
+    if found is None:
+        raise FileNotFoundError(f"{name} is neither a file nor a file name in {named}: give its path, or put it there")
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config.checkpoint = resolve_model_file(config.checkpoint, "checkpoints")
         config.clip_vision = resolve_model_file(config.clip_vision, "clip_vision")
+        if config.init_from:
+            config.init_from = resolve_model_file(config.init_from, "ipadapter", "nested_attention")
         trainer = Trainer(config, load_base_models(config), rank, world_size)
         if args.resume:
             trainer.resume(args.resume)

@@ -21,12 +21,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..encoders.checkpoint_io import UnreadableFile, check_model_file
 from ..encoders.nested_adapter import load_nested_adapter, save_nested_adapter
 from ..nodes.base_model import model_cross_attention_layers, model_family
-from ..nodes.nested_adapter_nodes import fresh_adapter
 from .config import TrainConfig, config_dict
 from .dataset import SubjectDataset
 from .encodings import EncodedExample, check_vision_input, encode_dataset, load_encoded
 from .objective import TrainingAttention, gradient_checkpointing, masked_mse, noised, prediction_target
 from .training_state import RESUME_FIX, read_training_state, state_file
+from .warm_start import starting_adapter
 
 LOG_COLUMNS = ("step", "loss", "denoising_loss", "localization_loss", "learning_rate", "images_per_second")
 CHECKPOINT_FIX = ("set checkpoint to a Stable Diffusion 1.5 or SDXL checkpoint holding UNet, text encoder and VAE (what "
@@ -94,9 +94,7 @@ class Trainer:
         self.output = Path(config.output)
         self.family = model_family(base.model)
         self.layers = model_cross_attention_layers(base.model)
-        self.adapter = adapter if adapter is not None else fresh_adapter(
-            base.model, base.clip, config.initializer_word, config.vision_model, config.subject_domain, config.seed,
-            base.clip_vision, config.train_vision_layers, **config.encoder)
+        self.adapter = adapter if adapter is not None else starting_adapter(config, base)
         self.adapter.to(self.device).float().train()
         self.adapter.placeholder_embeddings.requires_grad_(False)  # s* stays fixed: the cached contexts depend on it
         self.unet = base.model.model.diffusion_model.to(self.device).requires_grad_(False).eval()

@@ -227,6 +227,8 @@ def test_missing_metadata_fields_are_named(adapter_file, field_name):
     ({"clip_vision": {"hidden_width": 1024, "hidden_state": "middle", "trained_layers": 0}},
      "clip_vision.hidden_state must be one of"),
     ({"special_token_weight": "heavy"}, "metadata field 'special_token_weight' is not valid JSON"),
+    ({"special_token_weight": 0}, r"special_token_weight must be a finite number > 0 \(the weight on the subject "
+                                  r"token's attention; 1 = unchanged\), got 0"),
     ({"base_family": "sd3"}, "unknown base family 'sd3'"),
 ])
 def test_garbled_metadata_fields_are_named(adapter_file, changes, problem):

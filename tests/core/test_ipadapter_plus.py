@@ -10,7 +10,7 @@ import torch
 
 from ipadapter_files import flattened, ip_adapter_plus, other_variant, write_ip_adapter
 from subject_personalization.encoders.checkpoint_io import UnreadableFile
-from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
+from subject_personalization.encoders.ipadapter_plus import WrongTextEncoders, load_ip_adapter_plus
 from subject_personalization.encoders.nested_adapter import check_compatible, load_nested_adapter, save_nested_adapter
 from subject_personalization.encoders.unet_layers import CONTEXT_WIDTH, cross_attention_layers, ip_adapter_layers
 
@@ -148,10 +148,16 @@ def test_inconsistent_plus_files_are_refused(tmp_path, change, problem):
     refused(write_ip_adapter(tmp_path / "plus.safetensors", grouped), problem)
 
 
-def test_embeddings_for_the_wrong_text_encoders_are_named(tmp_path):
-    path = write_ip_adapter(tmp_path / "plus.safetensors", narrow_plus("sdxl"))
-    with pytest.raises(UnreadableFile, match=r"sdxl needs initializer embeddings for text encoders \['g', 'l'\]"):
-        load_ip_adapter_plus(path, "person", EMBEDDINGS["sd15"])
+@pytest.mark.parametrize("family, other", [("sdxl", "sd15"), ("sd15", "sdxl")])
+def test_embeddings_for_the_wrong_text_encoders_are_named(tmp_path, family, other):
+    """The caller's CLIP is at fault, not the file: the refusal names the file and asks for the right CLIP."""
+    path = write_ip_adapter(tmp_path / "plus.safetensors", narrow_plus(family))
+    encoders = {"sd15": r"\['l'\]", "sdxl": r"\['g', 'l'\]"}
+    with pytest.raises(WrongTextEncoders, match=rf"^plus.safetensors: it is an IP-Adapter for {family}, whose text "
+                                                rf"encoders are {encoders[family]}, but the subject word's embeddings "
+                                                rf"come from text encoders {encoders[other]}: connect the CLIP of the "
+                                                rf"{family} checkpoint the adapter is used with$"):
+        load_ip_adapter_plus(path, "person", EMBEDDINGS[other])
 
 
 @pytest.mark.parametrize("content,problem", [

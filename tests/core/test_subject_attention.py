@@ -1,8 +1,10 @@
 """subject_attention against a float64 reference written straight from the equations (METHODS.md §2, §3).
 
-Per head: a_qj = softmax_j(q.k_j / sqrt(d) + b_qj), b_q,s* = log(mask_q) on the subject's column only;
-v*_q = softmax_m(q.K~_m / sqrt(d)) V~_m; out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq - v_s_i).
+Per head: a_qj = e_qj / sum_j' e_qj' with e_qj = exp(q.k_j / sqrt(d)), times mask_q * w on the subject's column only
+(w: its token weight); v*_q = softmax_m(q.K~_m / sqrt(d)) V~_m; out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq -
+v_s_i). The reference multiplies the exponentials; the code adds log(mask) + log(w) to the logits.
 """
+import dataclasses
 import math
 
 import pytest
@@ -23,14 +25,14 @@ def reference(q, k, v, heads, subjects):
     head_dim = width // heads
     qh, kh, vh = (x.reshape(x.shape[0], x.shape[1], heads, head_dim) for x in (q, k, v))
     logits = torch.einsum("bnhd,bthd->bhnt", qh, kh) / math.sqrt(head_dim)
+    exponentials = (logits - logits.amax(dim=-1, keepdim=True)).exp()
     for subject in subjects:
-        if subject.query_mask is None:
-            continue
         for row, token in enumerate(subject.token_index.tolist()):
             if token >= 0:
-                mask = subject.query_mask[row if subject.query_mask.shape[0] > 1 else 0].double()
-                logits[row, :, :, token] += mask.log()
-    weights = logits.softmax(dim=-1)
+                exponentials[row, :, :, token] *= subject.token_weight
+                if subject.query_mask is not None:
+                    exponentials[row, :, :, token] *= subject.query_mask[row if subject.query_mask.shape[0] > 1 else 0]
+    weights = exponentials / exponentials.sum(dim=-1, keepdim=True)
     out = torch.einsum("bhnt,bthd->bnhd", weights, vh)
     probs = torch.zeros(batch, len(subjects), queries, dtype=torch.float64)
     for i, subject in enumerate(subjects):
@@ -57,7 +59,7 @@ def make_layer(seed, batch, queries, context, heads, head_dim, dtype=torch.float
 
 
 def make_subjects(generator, batch, queries, context, width, count, carried_rows, nested="shared", mask="none",
-                  nested_tokens=16, strengths=(1.0, 0.6, 1.4, 0.25)):
+                  nested_tokens=16, strengths=(1.0, 0.6, 1.4, 0.25), token_weights=(1.0,)):
     """`count` subjects on distinct tokens of each carried row (some in the last CLIP chunk), none elsewhere."""
     tokens = torch.full((count, batch), -1, dtype=torch.int64)
     for row in carried_rows:
@@ -76,7 +78,8 @@ def make_subjects(generator, batch, queries, context, width, count, carried_rows
         query_mask = {"none": None,
                       "hard": (torch.rand(rows, queries, generator=generator) > 0.4).float(),
                       "soft": torch.rand(rows, queries, generator=generator)}[mask_kind]
-        subjects.append(SubjectBinding(tokens[i], keys, values, strengths[i % len(strengths)], query_mask))
+        subjects.append(SubjectBinding(tokens[i], keys, values, strengths[i % len(strengths)], query_mask,
+                                       token_weights[i % len(token_weights)]))
     return subjects
 
 
@@ -110,6 +113,63 @@ def test_matches_float64_reference(heads, head_dim, queries, nested_tokens, cont
         torch.testing.assert_close(probs.double(), expected_probs, atol=PROB_ATOL, rtol=0)
         assert probs.min() >= 0 and probs.max() <= 1
         assert torch.all(probs[[1, 3]] == 0)  # uncond rows carry no subject
+
+
+TOKEN_WEIGHTS = [(0.05,), (0.5,), (2.0,), (7.5,), (3.0, 0.2, 1.0)]  # per subject, cycled
+
+
+@pytest.mark.parametrize("token_weights", TOKEN_WEIGHTS, ids=str)
+@pytest.mark.parametrize("nested, mask, count", [("shared", "none", 1), ("per_row", "hard", 2), ("none", "soft", 2),
+                                                 ("mixed", "mixed", 3), ("none", "none", 3)])
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_token_weight_matches_float64_reference(token_weights, nested, mask, count, return_probs):
+    """w multiplies the subject column's exponential before the row is normalised, with or without masks and nested
+    values (nested "none": the weight alone acts, through the same bias path as masks)."""
+    batch, queries, context, heads, head_dim = 4, 256, 154, 8, 40
+    q, k, v, generator = make_layer(count + len(token_weights), batch, queries, context, heads, head_dim)
+    subjects = make_subjects(generator, batch, queries, context, heads * head_dim, count, carried_rows=[0, 2],
+                             nested=nested, mask=mask, token_weights=token_weights)
+    expected_out, expected_probs = reference(q, k, v, heads, subjects)
+    result = subject_attention(q, k, v, heads, subjects, return_subject_probs=return_probs)
+    out, probs = result if return_probs else (result, None)
+    print(f"token weights {token_weights}, nested {nested}, mask {mask}: max abs error "
+          f"{(out.double() - expected_out).abs().max().item():.1e} on outputs up to {expected_out.abs().max().item():.1f}")
+    torch.testing.assert_close(out.double(), expected_out, atol=OUT_ATOL, rtol=OUT_RTOL)
+    if return_probs:
+        torch.testing.assert_close(probs.double(), expected_probs, atol=PROB_ATOL, rtol=0)
+    unweighted = [dataclasses.replace(subject, token_weight=1.0) for subject in subjects]
+    assert not torch.allclose(out, subject_attention(q, k, v, heads, unweighted), atol=1e-4)
+
+
+@pytest.mark.parametrize("nested, mask", [("shared", "none"), ("per_row", "hard"), ("none", "soft"), ("mixed", "mixed")])
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_token_weight_one_is_todays_output_bit_for_bit(nested, mask, return_probs, monkeypatch):
+    """An explicit weight of 1 gives every bit of the binding without one, and builds no bias when there is no mask."""
+    q, k, v, generator = make_layer(8, 3, 120, 77, 5, 64)
+    subjects = make_subjects(generator, 3, 120, 77, 320, 2, carried_rows=[0, 2], nested=nested, mask=mask)
+    default = [SubjectBinding(s.token_index, s.nested_keys, s.nested_values, s.strength, s.query_mask) for s in subjects]
+    masks = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: masks.append(kwargs.get("attn_mask")) or kernel(*args, **kwargs))
+    weighted = subject_attention(q, k, v, 5, [dataclasses.replace(s, token_weight=1.0) for s in subjects],
+                                 return_subject_probs=return_probs)
+    if mask == "none":
+        assert all(bias is None for bias in masks)
+    expected = subject_attention(q, k, v, 5, default, return_subject_probs=return_probs)
+    got, want = (result if return_probs else (result,) for result in (weighted, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_token_weight_acts_at_strength_zero_on_attention_only():
+    """Strength 0 keeps the word's own value, but a weight still moves the attention toward or away from it."""
+    q, k, v, generator = make_layer(9, 2, 64, 77, 4, 16)
+    subjects = make_subjects(generator, 2, 64, 77, 64, 1, carried_rows=[0], strengths=(0.0,), token_weights=(4.0,))
+    expected_out, _ = reference(q, k, v, 4, subjects)
+    out = subject_attention(q, k, v, 4, subjects)
+    torch.testing.assert_close(out.double(), expected_out, atol=OUT_ATOL, rtol=OUT_RTOL)
+    assert torch.equal(out[1], plain_attention(q, k, v, 4)[1])  # row 1 carries no subject
+    assert not torch.allclose(out[0], plain_attention(q, k, v, 4)[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("nested", ["shared", "per_row", "none"])
@@ -218,6 +278,10 @@ def _binding(**changes):
     (dict(strength=-0.5), "strength must be >= 0"),
     (dict(strength=float("nan")), "strength must be >= 0"),
     (dict(query_mask=torch.ones(10)), "query_mask must be"),
+    (dict(token_weight=0.0), "token_weight must be a finite number > 0 .* set its strength to 0 instead"),
+    (dict(token_weight=-1.0), "token_weight must be a finite number > 0"),
+    (dict(token_weight=float("nan")), "token_weight must be a finite number > 0"),
+    (dict(token_weight=float("inf")), "token_weight must be a finite number > 0"),
 ])
 def test_malformed_binding_is_rejected(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -1,15 +1,21 @@
 """Host tier: the real ComfyUI from COMFYUI_PATH, booted once per test session with seeded random weights."""
 import ctypes
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
 from hostenv import require_comfyui
+from random_modules import randomise
 from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
 
-FASTCOMPOSER_FILE = "pytorch_model.bin"  # the official file's name, so the shipped workflows find it
+# The names the shipped workflows give these files (the official FastComposer file; IP-Adapter users' names).
+FASTCOMPOSER_FILE = "pytorch_model.bin"
+IP_ADAPTER_PLUS_FILE = "ip-adapter-plus_sd15.safetensors"
+IP_ADAPTER_PLUS_FACE_FILE = "ip-adapter-plus-face_sd15.safetensors"  # the same layout, trained on faces
+VIT_H_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
 # Several full-size models come and go in one process. glibc keeps freed blocks below its (growing) mmap
 # threshold on the heap, so the process would hold every model it ever freed; a fixed 1 MiB threshold
@@ -66,6 +72,33 @@ def clip_vision_file(comfy, fastcomposer_models):
     path = comfy.model_dir("clip_vision") / "CLIP-ViT-L-14.safetensors"
     save_half(fastcomposer_models[3].get_sd(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def clip_vision_h_file(comfy):
+    """A CLIP ViT-H/14 vision model file (what IP-Adapter Plus reads), seeded random weights in ComfyUI's own model."""
+    from comfy import clip_vision
+    vision = clip_vision.ClipVisionModel(str(Path(clip_vision.__file__).with_name("clip_vision_config_h.json")))
+    randomise(vision.model, seed=4)
+    path = comfy.model_dir("clip_vision") / VIT_H_FILE
+    save_half(vision.get_sd(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ipadapter_plus_file(comfy):
+    """ip-adapter-plus_sd15 in its published layout and sizes, seeded random weights, in models/ipadapter."""
+    return write_sd15_ip_adapter_plus(comfy, IP_ADAPTER_PLUS_FILE, seed=6)
+
+
+@pytest.fixture(scope="session")
+def ipadapter_plus_face_file(comfy):
+    return write_sd15_ip_adapter_plus(comfy, IP_ADAPTER_PLUS_FACE_FILE, seed=7)
+
+
+def write_sd15_ip_adapter_plus(comfy, name: str, seed: int):
+    from ipadapter_files import ip_adapter_plus, write_ip_adapter
+    return write_ip_adapter(comfy.model_dir("ipadapter") / name, ip_adapter_plus("sd15", seed=seed))
 
 
 def save_half(state_dict: dict, path) -> None:

@@ -319,3 +319,100 @@ def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(wor
 
     with pytest.raises(ValueError, match="train_vision_layers changed"):
         Trainer(dataclasses.replace(config, train_vision_layers=0), base).prepare()
+
+
+TINY_PLUS = dict(dim=64, depth=1, dim_head=64, heads=1, num_queries=4, embedding_dim=1024, output_dim=768, ff_mult=2)
+
+
+def tiny_ip_adapter_plus(base, path: Path, widths_from=None) -> Path:
+    """An IP-Adapter Plus file in the published layout (tests/ipadapter_files.py), every ip_adapter.<i> map as wide as
+    that attn2 layer of `widths_from` (default: the tiny UNet), a small resampler over ViT-L/14 tokens."""
+    from ipadapter_files import ip_adapter_plus, write_ip_adapter
+    from subject_personalization.encoders.unet_layers import ip_adapter_layers
+    from subject_personalization.nodes.base_model import model_cross_attention_layers
+    widths = {layer.key: layer.inner_dim for layer in model_cross_attention_layers(widths_from or base.model)}
+    numbered = {index: widths[layer.key] for index, layer in ip_adapter_layers("sd15").items()}
+    return write_ip_adapter(path, ip_adapter_plus("sd15", seed=5, widths=numbered, **TINY_PLUS))
+
+
+def first_step_loss(trainer) -> torch.Tensor:
+    """The denoising loss of the first batch under fixed draws (nothing is updated)."""
+    from subject_personalization.train.trainer import step_generator
+    with torch.no_grad():
+        return trainer.losses(trainer._examples(0, 0), step_generator(31, 0))["denoising_loss"]
+
+
+def test_training_starts_from_an_ip_adapter_plus_file_or_an_adapter_file(world, tmp_path):
+    """init_from: the trainer's adapter holds the file's weights with this run's subject token, its first step
+    computes exactly what the loaded adapter computes, and a checkpoint of the run is itself a starting point."""
+    from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
+    from subject_personalization.encoders.nested_adapter import load_nested_adapter
+    from subject_personalization.nodes.nested_adapter_nodes import initializer_vectors
+    from subject_personalization.train.trainer import Trainer
+    folder, _, base = world
+    plus = tiny_ip_adapter_plus(base, tmp_path / "plus_tiny.safetensors")
+    config = training_config(folder, tmp_path / "run", encoder={}, init_from=str(plus), max_steps=1, checkpoint_every=1)
+    trainer = Trainer(config, base)
+    loaded = load_ip_adapter_plus(plus, "person", initializer_vectors(base.clip, "person")[0]).float()
+    assert trainer.adapter.state_dict().keys() == loaded.state_dict().keys()
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(trainer.adapter.state_dict()[key], tensor), key
+    warm = first_step_loss(trainer)
+    assert torch.equal(warm, first_step_loss(Trainer(dataclasses.replace(config, init_from=""), base, adapter=loaded)))
+    fresh = first_step_loss(Trainer(training_config(folder, tmp_path / "fresh"), base))
+    print(f"\nwarm start: first-step loss {warm.item():.6f} (the loaded IP-Adapter's: equal), fresh start {fresh.item():.6f}")
+    assert not torch.equal(warm, fresh)
+
+    trainer.fit()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000001.safetensors"
+    assert load_nested_adapter(checkpoint).provenance["config"]["init_from"] == str(plus)
+    resumed_from = Trainer(dataclasses.replace(config, init_from=str(checkpoint), output=str(tmp_path / "next")), base)
+    saved = load_nested_adapter(checkpoint).state_dict()
+    for key, tensor in resumed_from.adapter.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+    assert any(not torch.equal(saved[key], tensor) for key, tensor in loaded.state_dict().items())
+
+
+def test_a_warm_start_with_fine_tuned_vision_layers_starts_where_the_file_does(world, tmp_path):
+    """train_vision_layers with an IP-Adapter file: copies of the base CLIP vision layers reproduce its hidden state,
+    so the first step equals the file's up to float32 rounding (the copies run the same layers in another order)."""
+    from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
+    from subject_personalization.nodes.nested_adapter_nodes import initializer_vectors
+    from subject_personalization.train.trainer import Trainer
+    folder, _, base = world
+    plus = tiny_ip_adapter_plus(base, tmp_path / "plus_tiny.bin")
+    config = training_config(folder, tmp_path / "run", encoder={}, init_from=str(plus), train_vision_layers=1,
+                             encodings=str(tmp_path / "encodings"))
+    trainer = Trainer(config, base)
+    trainer.prepare()
+    assert len(trainer.adapter.vision_layers) == 1
+    loaded = load_ip_adapter_plus(plus, "person", initializer_vectors(base.clip, "person")[0]).float()
+    reference = Trainer(dataclasses.replace(config, init_from="", train_vision_layers=0, encodings=str(folder / "encodings")),
+                        base, adapter=loaded)
+    torch.testing.assert_close(first_step_loss(trainer), first_step_loss(reference), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(encoder={"heads": 4}), r"has encoder\.heads = 1, but the config sets it to 4: the file's resampler defines "
+                                 r"the encoder, so remove encoder\.heads from the config"),
+    (dict(encoder={"colour": 1}), r"has no encoder setting 'colour'"),
+    (dict(vision_model="ViT-H/14"), r"reads ViT-L/14 tokens, but the config says vision_model = 'ViT-H/14': set "
+                                    r"vision_model = 'ViT-L/14' and clip_vision to that CLIP vision model"),
+])
+def test_a_starting_file_that_disagrees_with_the_config_is_refused(world, tmp_path, changes, message):
+    from subject_personalization.train.trainer import Trainer
+    folder, _, base = world
+    plus = tiny_ip_adapter_plus(base, tmp_path / "plus_tiny.safetensors")
+    config = training_config(folder, tmp_path / "run", **{"encoder": {}, "init_from": str(plus), **changes})
+    with pytest.raises(ValueError, match=r"^init_from plus_tiny\.safetensors " + message):
+        Trainer(config, base)
+
+
+def test_a_starting_file_for_another_unet_is_refused(world, tmp_path, fastcomposer_models):
+    """An IP-Adapter made for the full-size SD1.5 UNet does not fit the tiny one."""
+    from subject_personalization.train.trainer import Trainer
+    folder, _, base = world
+    plus = tiny_ip_adapter_plus(base, tmp_path / "plus_sd15.safetensors", widths_from=fastcomposer_models[0])
+    with pytest.raises(ValueError, match=r"^init_from plus_sd15\.safetensors: adapter plus_sd15 was made for a UNet "
+                                         r"whose attn2 layers differ from this MODEL's"):
+        Trainer(training_config(folder, tmp_path / "run", encoder={}, init_from=str(plus)), base)

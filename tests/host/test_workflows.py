@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +14,23 @@ require_comfyui()
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+PACK_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
 FAST_STEPS = 2
+TITLE_BAR = 30
 # Where to keep the attention-map previews the workflows produce (unset: not kept).
 ARTIFACTS = Path(os.environ["SUBJECT_TEST_ARTIFACTS"]) if os.environ.get("SUBJECT_TEST_ARTIFACTS") else None
-# The session fixtures that put in place the model files each loader node of a workflow names.
-WORKFLOW_FIXTURES = {
-    "FastComposerLoader": ("fastcomposer_file",),
-    "CheckpointLoaderSimple": ("sd15_checkpoint_file",),
-    "CLIPVisionLoader": ("clip_vision_file",),
-    "NestedAttentionLoader": ("nested_adapter_files",),
+# The session fixture that puts in place each model file a workflow names (seeded random weights, real layouts).
+MODEL_FILE_FIXTURES = {
+    "pytorch_model.bin": "fastcomposer_file",
+    "v1-5-pruned-emaonly.safetensors": "sd15_checkpoint_file",
+    "CLIP-ViT-L-14.safetensors": "clip_vision_file",
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision_h_file",
+    "ip-adapter-plus_sd15.safetensors": "ipadapter_plus_file",
+    "ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
 }
+MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "NestedAttentionIPAdapterLoader"}
 
 
 def load(path):
@@ -52,8 +59,32 @@ def fast(prompt):
 
 def test_there_are_workflows():
     names = {path.name for path in WORKFLOWS}
-    assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json",
-            "nested_single_subject.json", "nested_person_and_pet.json", "two_subjects_with_masks.json"} <= names
+    assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json", "nested_ipadapter_single_subject.json",
+            "nested_ipadapter_person_and_cat.json", "two_subjects_with_masks.json"} <= names
+
+
+def test_the_workflows_are_what_tools_build_workflows_writes(tmp_path):
+    """Hand edits never drift from the builder (and its layout checks)."""
+    (tmp_path / "workflows").mkdir()
+    subprocess.run([sys.executable, str(PACK_ROOT / "tools" / "build_workflows.py")], cwd=tmp_path, check=True)
+    assert sorted(path.name for path in (tmp_path / "workflows").iterdir()) == [path.name for path in WORKFLOWS]
+    for path in WORKFLOWS:
+        assert (tmp_path / "workflows" / path.name).read_text() == path.read_text(), f"{path.name}: run tools/build_workflows.py"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_workflow_names_only_shipped_photos_and_public_model_files(path, comfy):
+    """Its photos ship with the pack and were copied into ComfyUI's input folder at start-up; every model file it
+    names is one a user can download (the names the tests' random stand-ins take)."""
+    prompt = comfy.workflow_to_prompt(load(path))
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            folder, name = node["inputs"]["image"].split("/")
+            assert folder == "subject_personalization" and (PACK_ROOT / "photos" / name).is_file(), node["inputs"]
+            assert (comfy.input_dir / folder / name).read_bytes() == (PACK_ROOT / "photos" / name).read_bytes()
+        if node["class_type"] in MODEL_LOADERS:
+            named = [value for value in node["inputs"].values() if isinstance(value, str) and "." in value]
+            assert named and all(name in MODEL_FILE_FIXTURES for name in named), node
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -66,7 +97,9 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
         assert link_id in nodes[source]["outputs"][source_slot]["links"]
         assert nodes[target]["inputs"][target_slot]["link"] == link_id
         assert nodes[source]["outputs"][source_slot]["type"] == kind
-    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes.values()]
+    # as the editor draws them: the title bar TITLE_BAR px above pos
+    boxes = [(n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes.values()]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{path.name}: overlapping nodes"
@@ -77,12 +110,11 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
 def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
     prompt = fast(comfy.workflow_to_prompt(load(path)))
     for node in prompt.values():
-        for fixture in WORKFLOW_FIXTURES.get(node["class_type"], ()):
-            request.getfixturevalue(fixture)
+        for value in node["inputs"].values():
+            if isinstance(value, str) and value in MODEL_FILE_FIXTURES:
+                request.getfixturevalue(MODEL_FILE_FIXTURES[value])
     image_nodes = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
     assert image_nodes, f"{path.name} has no subject image"
-    for seed, node in enumerate(image_nodes):
-        synthetic_subject(comfy.input_dir / node["inputs"]["image"], seed)
     sampler = next(node for node in prompt.values() if "seed" in node["inputs"])
 
     def run():
@@ -109,3 +141,17 @@ def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, re
     synthetic_subject(comfy.input_dir / "changed_subject.png", seed=99)
     image_nodes[0]["inputs"]["image"] = "changed_subject.png"
     assert not np.array_equal(run(), first), "a different subject image must change the result"
+
+
+def test_the_example_photos_never_overwrite_a_file_in_the_input_folder(comfy, node):
+    example_photos = sys.modules[type(node("AddSubject")).__module__.rsplit(".", 1)[0] + ".example_photos"]
+    photo = comfy.input_dir / example_photos.INPUT_SUBFOLDER / "chelsea.jpg"
+    shipped = photo.read_bytes()
+    try:
+        photo.write_bytes(b"the user's own picture")
+        (comfy.input_dir / example_photos.INPUT_SUBFOLDER / "camera.jpg").unlink()
+        example_photos.install_example_photos()
+        assert photo.read_bytes() == b"the user's own picture"
+        assert (comfy.input_dir / example_photos.INPUT_SUBFOLDER / "camera.jpg").is_file()  # a missing one comes back
+    finally:
+        photo.write_bytes(shipped)

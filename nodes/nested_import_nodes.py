@@ -1,0 +1,94 @@
+"""Nested adapters from weights that exist today: IP-Adapter Plus files, and the authors' official SDXL checkpoint."""
+import folder_paths
+
+from ..encoders.checkpoint_io import read_safetensors_header
+from ..encoders.ipadapter_plus import load_ip_adapter_plus
+from ..encoders.nested_adapter import FORMAT_NAME, NestedAdapter
+from ..encoders.official_nested_import import IMPORT_FIX, import_official_nested_file
+from .base_model import clip_tokenizers
+from .nested_adapter_nodes import CATEGORY, initializer_vectors
+
+WORD_TOOLTIP = ("The word the subject token starts from: its input embedding becomes the subject token's. A single-token "
+                "word; bind the subject to this word in the prompt (in 'Nested Attention Subject') so the prompt "
+                "reads as the base model knows it.")
+
+
+def ready(adapter: NestedAdapter) -> tuple[NestedAdapter]:
+    """As every adapter node gives it: float32, in eval mode, no gradients."""
+    return (adapter.float().eval().requires_grad_(False),)
+
+
+class NestedAttentionIPAdapterLoader:
+    DESCRIPTION = ("Loads an IP-Adapter Plus file (models/ipadapter: ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, "
+                   "ip-adapter-plus_sdxl_vit-h, ip-adapter-plus-face_sdxl_vit-h) as a Nested Attention adapter: its "
+                   "resampler becomes the subject encoder and its per-layer to_k_ip/to_v_ip maps the nested keys and "
+                   "values. Use it with the CLIP ViT-H/14 vision model. IP-Adapter Plus weights were trained for "
+                   "IP-Adapter's ungated injection (the image added to every region); here they are used gated by the "
+                   "subject word (the image enters only where the word is attended). The quality of that combination "
+                   "is not measured here. Other IP-Adapter variants (plain, Full Face, FaceID) are refused with the "
+                   "reason.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("NESTED_ADAPTER",)
+    RETURN_NAMES = ("nested_adapter",)
+    OUTPUT_TOOLTIPS = ("The IP-Adapter Plus weights as a Nested Attention adapter whose subject token starts from the "
+                       "word: connect it to 'Nested Attention Subject'.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ipadapter": (folder_paths.get_filename_list("ipadapter"),
+                          {"tooltip": "An IP-Adapter Plus file from models/ipadapter (.safetensors or .bin)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP of the checkpoint you generate with (SD1.5 for the _sd15 files, SDXL "
+                                         "for the _sdxl files): it gives the word's embedding."}),
+            "word": ("STRING", {"default": "person", "tooltip": WORD_TOOLTIP}),
+        }}
+
+    def load(self, ipadapter: str, clip, word: str):
+        word = word.strip()
+        embeddings, _ = initializer_vectors(clip, word)
+        path = folder_paths.get_full_path_or_raise("ipadapter", ipadapter)
+        return ready(load_ip_adapter_plus(path, word, embeddings))
+
+
+class NestedAttentionOfficialLoader:
+    DESCRIPTION = ("Imports the authors' Nested Attention demo checkpoint (SDXL; Hugging Face Space "
+                   "orpatashnik/NestedAttentionEncoder) from models/nested_attention, in one step, as a Nested Attention "
+                   "adapter. Its layout is undocumented and the import has NOT been checked against the real file: "
+                   "every plausible layout is accepted and any other key is refused, listed. To convert it once instead "
+                   "of at every load: python -m encoders.official_nested_import <checkpoint> <out>.safetensors --base "
+                   "<SDXL checkpoint>, from the pack's folder (README, Nested Attention), then load the result with "
+                   "'Load Nested Attention Adapter'.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("NESTED_ADAPTER",)
+    RETURN_NAMES = ("nested_adapter",)
+    OUTPUT_TOOLTIPS = ("The official checkpoint as a Nested Attention adapter (SDXL): connect it to 'Nested Attention "
+                       "Subject'.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "checkpoint": (folder_paths.get_filename_list("nested_attention"),
+                           {"tooltip": "The official demo checkpoint, put in models/nested_attention."}),
+            "clip": ("CLIP", {"tooltip": "The SDXL checkpoint's CLIP: it gives the initializer word's embeddings."}),
+            "initializer_word": ("STRING", {"default": "person", "tooltip": WORD_TOOLTIP}),
+        }}
+
+    def load(self, checkpoint: str, clip, initializer_word: str):
+        path = folder_paths.get_full_path_or_raise("nested_attention", checkpoint)
+        if sorted(clip_tokenizers(clip)) != ["g", "l"]:
+            raise ValueError(f"the official Nested Attention checkpoint is for SDXL, but this CLIP has text encoders "
+                             f"{sorted(clip_tokenizers(clip))}: connect the CLIP of an SDXL checkpoint")
+        if path.endswith(".safetensors") and read_safetensors_header(path, IMPORT_FIX).metadata.get("format") == FORMAT_NAME:
+            raise ValueError(f"{checkpoint} is already a Nested Attention adapter of this pack: load it with 'Load "
+                             f"Nested Attention Adapter'")
+        word = initializer_word.strip()
+        embeddings, _ = initializer_vectors(clip, word)
+        return ready(import_official_nested_file(path, word, embeddings))
+
+
+NODE_CLASS_MAPPINGS = {"NestedAttentionIPAdapterLoader": NestedAttentionIPAdapterLoader,
+                       "NestedAttentionOfficialLoader": NestedAttentionOfficialLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"NestedAttentionIPAdapterLoader": "Load IP-Adapter Plus as Nested Adapter",
+                              "NestedAttentionOfficialLoader": "Import Nested Attention Checkpoint (official SDXL)"}

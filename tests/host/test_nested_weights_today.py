@@ -1,0 +1,110 @@
+"""Nested Attention on weights that exist today, through the nodes: an IP-Adapter Plus file from models/ipadapter as a
+nested adapter, the official checkpoint imported by its node, and the subject token's attention weight reaching the
+patched UNet (0 = the adapter's own weight; 1 = no change, bit for bit)."""
+import pytest
+import torch
+
+from hostenv import require_comfyui
+
+require_comfyui()
+from unet_calls import run_wrapped  # noqa: E402
+
+PROMPT = "a photo of a person on the beach"
+PHOTO = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def ip_adapter(ipadapter_plus_file, fastcomposer_models, node):
+    clip = fastcomposer_models[1]
+    (adapter,) = node("NestedAttentionIPAdapterLoader").load(ipadapter_plus_file.name, clip, " person ")
+    return adapter
+
+
+def test_the_ip_adapter_loader_gives_the_files_maps_for_the_words_token(ip_adapter, ipadapter_plus_file,
+                                                                        fastcomposer_models):
+    from safetensors.torch import load_file
+    from subject_personalization.encoders.unet_layers import ip_adapter_layers
+    from subject_personalization.nodes.nested_adapter_nodes import initializer_vectors
+    assert (ip_adapter.base_family, ip_adapter.vision_width, ip_adapter.initializer_word) == ("sd15", 1280, "person")
+    assert not ip_adapter.training and not any(parameter.requires_grad for parameter in ip_adapter.parameters())
+    published = load_file(ipadapter_plus_file)
+    for number, layer in ip_adapter_layers("sd15").items():
+        maps = ip_adapter.projections.maps[layer.key]
+        assert torch.equal(maps.to_k.weight, published[f"ip_adapter.{number}.to_k_ip.weight"].float()), layer.key
+        assert torch.equal(maps.to_v.weight, published[f"ip_adapter.{number}.to_v_ip.weight"].float()), layer.key
+    word, _ = initializer_vectors(fastcomposer_models[1], "person")
+    assert torch.equal(ip_adapter.placeholder_embeddings["l"], word["l"])
+
+
+def test_an_ip_adapter_beside_the_wrong_clip_vision_is_refused_naming_both(ip_adapter, fastcomposer_models, node):
+    vit_l = fastcomposer_models[3]
+    with pytest.raises(ValueError, match=r"ViT-H/14.*ViT-L/14|ViT-L/14.*ViT-H/14"):
+        node("NestedAttentionSubject").encode(ip_adapter, vit_l, PHOTO, "person", 1.0, 0.0, 1.0)
+
+
+def test_the_ip_adapter_loader_refuses_an_sdxl_file_with_an_sd15_clip(comfy, fastcomposer_models, node):
+    from ipadapter_files import ip_adapter_plus, write_ip_adapter
+    path = write_ip_adapter(comfy.model_dir("ipadapter") / "ip-adapter-plus_sdxl_vit-h.bin",
+                            ip_adapter_plus("sdxl", seed=1, widths=dict.fromkeys(range(1, 140, 2), 64), dim=64, depth=1,
+                                            heads=1, num_queries=4))
+    try:
+        with pytest.raises(ValueError, match=r"^ip-adapter-plus_sdxl_vit-h\.bin: it is an IP-Adapter for sdxl.* connect "
+                                             r"the CLIP of the sdxl checkpoint"):
+            node("NestedAttentionIPAdapterLoader").load(path.name, fastcomposer_models[1], "person")
+    finally:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def unet_output(fastcomposer_models, clip_vision_h_file, ip_adapter, node):
+    """The patched UNet's output for a subject made with a given token weight, adapter weight and strength."""
+    model, clip = fastcomposer_models[:2]
+    (vision,) = node("CLIPVisionLoader").load_clip(clip_vision_h_file.name)
+    (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
+
+    def output(token_weight: float, adapter=ip_adapter, strength: float = 1.0) -> torch.Tensor:
+        (subjects,) = node("NestedAttentionSubject").encode(adapter, vision, PHOTO, "person", 1.0, 0.0, 1.0,
+                                                            token_weight=token_weight)
+        (positive,) = node("NestedAttentionEncode").encode(clip, subjects, PROMPT)
+        (patched,) = node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)
+        return run_wrapped(patched, [positive[0][0], negative[0][0]], [0, 1])
+
+    return output
+
+
+def test_token_weight_zero_is_the_adapters_own_and_one_changes_nothing(unet_output, ip_adapter):
+    assert ip_adapter.special_token_weight == 1.0
+    assert torch.equal(unet_output(0.0), unet_output(1.0))
+    heavier = copy_with_weight(ip_adapter, 2.5)
+    assert torch.equal(unet_output(0.0, heavier), unet_output(2.5))
+
+
+def test_token_weight_moves_only_the_rows_that_carry_the_subject(unet_output):
+    light, heavy = unet_output(1.0), unet_output(3.0)
+    assert not torch.allclose(light[0], heavy[0], atol=1e-4)
+    assert torch.equal(light[1], heavy[1])  # the negative prompt's row
+
+
+def test_at_strength_zero_the_token_weight_leaves_the_base_model(unet_output):
+    """The weight belongs to the nested value: with strength 0 the word is the base model's, whatever the weight."""
+    assert torch.equal(unet_output(3.0, strength=0.0), unet_output(1.0, strength=0.0))
+
+
+def copy_with_weight(adapter, special_token_weight: float):
+    """The same adapter with another special_token_weight in its metadata (what a file can carry)."""
+    from subject_personalization.encoders.nested_adapter import NestedAdapter
+    heavier = NestedAdapter(adapter.base_family, adapter.resampler.config, adapter.subject_domain, adapter.initializer_word,
+                            adapter.placeholder_word, special_token_weight, layers=adapter.layers,
+                            vision_layers=len(adapter.vision_layers))
+    heavier.load_state_dict(adapter.state_dict())
+    return heavier.eval().requires_grad_(False)
+
+
+def test_the_official_import_node_needs_an_sdxl_clip(comfy, fastcomposer_models, node):
+    (comfy.model_dir("nested_attention") / "nested_official.safetensors").write_bytes(b"")
+    try:
+        with pytest.raises(ValueError, match=r"is for SDXL, but this CLIP has text encoders \['l'\]: connect the CLIP "
+                                             r"of an SDXL checkpoint"):
+            node("NestedAttentionOfficialLoader").load("nested_official.safetensors", fastcomposer_models[1], "person")
+    finally:
+        (comfy.model_dir("nested_attention") / "nested_official.safetensors").unlink()
