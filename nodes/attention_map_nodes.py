@@ -24,17 +24,21 @@ class RecordSubjectAttention:
     FUNCTION = "record"
     RETURN_TYPES = ("MODEL", "SUBJECT_ATTENTION")
     RETURN_NAMES = ("model", "recording")
+    OUTPUT_TOOLTIPS = ("A copy of the model that records while it samples: connect it to the sampler.",
+                       "What that sampler recorded, filled as it runs: connect it to 'Subject Attention Maps'.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The model you sample with (patched or not); it is cloned, never changed."}),
             "positive": ("CONDITIONING", {"tooltip": "The subject encode node's output (also the sampler's positive)."}),
             "layers": (list(LAYER_BLOCKS), {"default": "all", "tooltip": "Which UNet blocks' cross-attention to average."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Record from this fraction of the schedule."}),
+                                        "tooltip": "Record from this point of the schedule, 0 to 1 (0 = the first "
+                                                   "step)."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Record until this fraction of the schedule."}),
+                                      "tooltip": "Record until this point of the schedule, 0 to 1 (1 = the last "
+                                                 "step); above start_percent."}),
         }}
 
     @checked_inputs(("start_percent", "end_percent"))
@@ -58,6 +62,9 @@ class SubjectAttentionMaps:
     FUNCTION = "draw"
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("heatmap", "masks")
+    OUTPUT_TOOLTIPS = ("The image with each subject's attention in its own colour, and a legend of the words below it.",
+                       "One mask per subject and image (image 1's subjects, then image 2's), at the image's size: where "
+                       "each subject landed, usable as a subject's region.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -65,9 +72,11 @@ class SubjectAttentionMaps:
             "recording": ("SUBJECT_ATTENTION", {"tooltip": "From 'Record Subject Attention'."}),
             "image": ("IMAGE", {"tooltip": "The image the recorded sampler generated (after VAE Decode)."}),
             "opacity": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05,
-                                  "tooltip": "How strongly the colours cover the image where attention peaks."}),
+                                  "tooltip": "How strongly the colours cover the image where attention peaks, 0 to 1 "
+                                             "(0 = the image alone)."}),
             "mask_threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                         "tooltip": "Masks are 1 where the normalised map exceeds this; 0 gives soft masks."}),
+                                         "tooltip": "Masks are 1 where the normalised map exceeds this, 0 to 1; 0 "
+                                                    "gives soft masks (the normalised map itself)."}),
         }}
 
     @checked_inputs()

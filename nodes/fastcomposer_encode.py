@@ -104,6 +104,7 @@ class FastComposerEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("positive",)
     OUTPUT_TOOLTIPS = ("Positive conditioning: text-only for the first part of the schedule, then with the subjects fused in.",)
 
     @classmethod
@@ -117,7 +118,9 @@ class FastComposerEncode:
             "required": {
                 "clip": ("CLIP", {"tooltip": "The CLIP output of 'Load FastComposer'."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP_VISION output of 'Load FastComposer'."}),
-                "fastcomposer": ("FASTCOMPOSER",),
+                "fastcomposer": ("FASTCOMPOSER", {"tooltip": "The fastcomposer output of 'Load FastComposer': the "
+                                                             "fusion module that writes each subject's image embedding "
+                                                             "into its word."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "default": f"a man {SUBJECT_MARKER} and a woman {SUBJECT_MARKER} reading a book together",
                                     "tooltip": f"The prompt. Write {SUBJECT_MARKER} right after each subject's word."}),
@@ -126,10 +129,11 @@ class FastComposerEncode:
                                                         "subject order (e.g. 'man, woman'). Each binds its first "
                                                         "unused whole-word occurrence in the prompt."}),
                 "text_only_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
-                                                 "tooltip": "Delayed subject conditioning: the first part of the schedule "
-                                                            "uses the prompt without subjects, so the layout follows the "
-                                                            "text; 0.2 is the reference's 10 of 50 steps. 0 fuses from "
-                                                            "the first step (more identity, less prompt-following)."}),
+                                                 "tooltip": "Delayed subject conditioning, 0 to 1: this first part of "
+                                                            "the schedule uses the prompt without subjects, so the layout "
+                                                            "follows the text; the rest has them fused in. 0.2 is the "
+                                                            "reference's 10 of 50 steps; lower gives more identity, higher "
+                                                            "more prompt-following; 0 fuses from the first step."}),
             },
             "optional": {
                 "subjects": ("SUBJECTS", {"tooltip": "A subject list ('Add Subject'), instead of the subject_N images: "

@@ -66,6 +66,8 @@ class NestedAttentionLoader:
     FUNCTION = "load"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
+    OUTPUT_TOOLTIPS = ("The adapter: connect it to 'Nested Attention Subject' (or to the nested_adapter input of "
+                       "'Nested Attention Encode').",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -85,6 +87,8 @@ class NestedAttentionNewAdapter:
     FUNCTION = "create"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
+    OUTPUT_TOOLTIPS = ("The new adapter, also saved as models/nested_attention/<filename>.safetensors: untrained, its "
+                       "subject token renders the initializer word; train it with the pack's trainer.",)
     OUTPUT_NODE = True
 
     @classmethod
@@ -95,7 +99,9 @@ class NestedAttentionNewAdapter:
             "initializer_word": ("STRING", {"default": "person", "tooltip": "A single-token word the subject token starts from."}),
             "subject_domain": (DOMAINS, {"tooltip": "What kind of subject the adapter is for."}),
             "vision_model": (list(VISION_MODELS), {"tooltip": "The CLIP vision model whose tokens the encoder reads."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Seed of the random initialisation, 0 to 2147483647: the same seed, MODEL and "
+                                        "CLIP give the same adapter."}),
             "filename": ("STRING", {"default": "nested_new_adapter", "tooltip": "Saved as models/nested_attention/<filename>.safetensors."}),
         }}
 

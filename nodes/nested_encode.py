@@ -62,13 +62,18 @@ class NestedAttentionEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("positive",)
+    OUTPUT_TOOLTIPS = ("Positive conditioning with each subject's word as its subject token: connect it to 'Apply "
+                       "Nested Attention' and to the sampler's positive input.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip": ("CLIP",),
-                "subjects": ("SUBJECTS",),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the model you sample with (SD1.5 or SDXL, as the "
+                                             "adapters are)."}),
+                "subjects": ("SUBJECTS", {"tooltip": "The subject list ('Nested Attention Subject' or 'Add Subject'): "
+                                                     "each subject binds to its word in the prompt."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "default": "a photo of a person walking a dog on the beach",
                                     "tooltip": "The prompt. Each subject's word must appear in it, in subject order "

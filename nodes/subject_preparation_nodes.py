@@ -22,15 +22,19 @@ class PrepareSubjectWithMask:
     FUNCTION = "prepare"
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = ("The subject on a plain background, cropped square: use it as a subject's photo.",
+                       "The subject's mask, cropped the same way.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE",),
+            "image": ("IMAGE", {"tooltip": "Photos of the subject (a pet, an object); each is cut out with the mask."}),
             "mask": ("MASK", {"tooltip": "The subject, white; one mask for all photos or one per photo."}),
-            "size": ("INT", {"default": 224, "min": 16, "max": 2048, "step": 8, "tooltip": "Side of the square output."}),
+            "size": ("INT", {"default": 224, "min": 16, "max": 2048, "step": 8,
+                             "tooltip": "Side of the square output in pixels, 16 to 2048."}),
             "margin": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 2.0, "step": 0.05,
-                                 "tooltip": "Extra room around the subject, as a fraction of its size."}),
+                                 "tooltip": "Extra room around the subject as a fraction of its size, 0 to 2 (0 = a "
+                                            "tight crop)."}),
             "background": (list(BACKGROUNDS), {"default": "black", "tooltip": "What replaces everything outside the mask."}),
         }}
 
@@ -55,16 +59,21 @@ class PrepareFace:
     CATEGORY = CATEGORY
     FUNCTION = "prepare"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The faces, one per photo, aligned to the ArcFace template and cropped square: use them as a "
+                       "subject's photos.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE",),
+            "image": ("IMAGE", {"tooltip": "Photos with a face; each gives one aligned face."}),
             "model": (list(INSIGHTFACE_MODEL_FILES), {"default": "antelopev2",
                                                       "tooltip": "insightface model pack, in models/insightface/models/."}),
             "face_index": ("INT", {"default": -1, "min": -1, "max": 63,
-                                   "tooltip": "-1: the largest face; 0, 1, ...: faces counted from the left."}),
-            "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Side of the aligned crop."}),
+                                   "tooltip": "Which face of each photo, -1 to 63: -1 = the largest, 0, 1, ... = "
+                                              "counted from the left."}),
+            "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
+                             "tooltip": "Side of the aligned square crop in pixels, 64 to 2048."}),
         }}
 
     @checked_inputs()

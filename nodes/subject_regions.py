@@ -13,18 +13,24 @@ class SubjectRegionMask:
     CATEGORY = CATEGORY
     FUNCTION = "mask"
     RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("The region: 1 inside the rectangle, 0 outside; connect it to a subject's mask input.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         side = {"default": 512, "min": 8, "max": 8192, "step": 8}
         fraction = lambda default, tip: ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tip})
         return {"required": {
-            "width": ("INT", {**side, "tooltip": "Mask width in pixels (the generated image's width)."}),
-            "height": ("INT", {**side, "tooltip": "Mask height in pixels (the generated image's height)."}),
-            "left": fraction(0.0, "Left edge of the region, as a fraction of the width."),
-            "top": fraction(0.0, "Top edge of the region, as a fraction of the height."),
-            "right": fraction(0.5, "Right edge of the region, as a fraction of the width."),
-            "bottom": fraction(1.0, "Bottom edge of the region, as a fraction of the height."),
+            "width": ("INT", {**side, "tooltip": "Mask width in pixels, 8 to 8192: the generated image's width (or "
+                                                 "that of any size with its aspect ratio)."}),
+            "height": ("INT", {**side, "tooltip": "Mask height in pixels, 8 to 8192: the generated image's height (or "
+                                                  "that of any size with its aspect ratio)."}),
+            "left": fraction(0.0, "Left edge of the region as a fraction of the width, 0 to 1 (0 = the image's left edge)."),
+            "top": fraction(0.0, "Top edge of the region as a fraction of the height, 0 to 1 (0 = the image's top edge)."),
+            "right": fraction(0.5, "Right edge of the region as a fraction of the width, 0 to 1 (1 = the image's right "
+                                   "edge); above left."),
+            "bottom": fraction(1.0, "Bottom edge of the region as a fraction of the height, 0 to 1 (1 = the image's "
+                                    "bottom edge); above top."),
         }}
 
     @checked_inputs(("left", "right"), ("top", "bottom"))
@@ -40,11 +46,14 @@ class ApplySubjectMasks:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A patched copy of the model in which each subject's word is attended only inside its mask: "
+                       "connect it to the sampler (or to 'Record Subject Attention').",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "The model you sample with; it is cloned, never changed."}),
             "positive": ("CONDITIONING", {"tooltip": "The subject encode node's output (also the sampler's positive)."}),
         }}
 
