@@ -52,4 +52,4 @@ def test_a_nested_workflow_without_its_files_stops_with_the_list_to_download(tmp
     assert done.returncode == 2, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert ("nested_ipadapter_single_subject.json needs models/checkpoints/v1-5-pruned-emaonly.safetensors, "
             "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, "
-            "models/ipadapter/ip-adapter-plus_sd15.safetensors in ComfyUI's folders") in done.stderr.replace("\n", " ")
+            "models/ipadapter/ip-adapter-plus-face_sd15.safetensors in ComfyUI's folders") in done.stderr.replace("\n", " ")
