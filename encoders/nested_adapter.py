@@ -216,6 +216,13 @@ def _adapter_from(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], 
     return adapter
 
 
+def is_adapter_file(path: str | Path, fix: str) -> bool:
+    """Whether the file is one of this pack's adapters (a .safetensors with its format metadata); a .safetensors whose
+    header cannot be read is refused (UnreadableFile) with `fix`."""
+    path = Path(path)
+    return path.suffix == ".safetensors" and read_safetensors_header(path, fix).metadata.get("format") == FORMAT_NAME
+
+
 def load_nested_adapter(path: str | Path) -> NestedAdapter:
     """An adapter file, refused (UnreadableFile) unless its header, metadata and tensors all agree."""
     path = Path(path)

@@ -59,6 +59,11 @@ def last_vision_layers(clip_vision, count: int, hidden_state: str = "penultimate
             for layer in encoder_layers[end - count:end]]
 
 
+def ready(adapter: NestedAdapter) -> tuple[NestedAdapter]:
+    """As every adapter loader gives it: float32, in eval mode, no gradients."""
+    return (adapter.float().eval().requires_grad_(False),)
+
+
 class NestedAttentionLoader:
     DESCRIPTION = ("Loads a Nested Attention adapter (.safetensors in models/nested_attention): the subject encoder, "
                    "the per-layer nested key/value maps and the subject token, for one base family and domain.")
@@ -75,8 +80,7 @@ class NestedAttentionLoader:
                                          {"tooltip": "An adapter file from models/nested_attention."})}}
 
     def load(self, adapter: str):
-        loaded = load_nested_adapter(folder_paths.get_full_path_or_raise("nested_attention", adapter))
-        return (loaded.float().eval().requires_grad_(False),)
+        return ready(load_nested_adapter(folder_paths.get_full_path_or_raise("nested_attention", adapter)))
 
 
 class NestedAttentionNewAdapter:

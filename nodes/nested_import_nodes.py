@@ -1,21 +1,15 @@
 """Nested adapters from weights that exist today: IP-Adapter Plus files, and the authors' official SDXL checkpoint."""
 import folder_paths
 
-from ..encoders.checkpoint_io import read_safetensors_header
 from ..encoders.ipadapter_plus import load_ip_adapter_plus
-from ..encoders.nested_adapter import FORMAT_NAME, NestedAdapter
+from ..encoders.nested_adapter import is_adapter_file
 from ..encoders.official_nested_import import IMPORT_FIX, import_official_nested_file
 from .base_model import clip_tokenizers
-from .nested_adapter_nodes import CATEGORY, initializer_vectors
+from .nested_adapter_nodes import CATEGORY, initializer_vectors, ready
 
 WORD_TOOLTIP = ("The word the subject token starts from: its input embedding becomes the subject token's. A single-token "
                 "word; bind the subject to this word in the prompt (in 'Nested Attention Subject') so the prompt "
                 "reads as the base model knows it.")
-
-
-def ready(adapter: NestedAdapter) -> tuple[NestedAdapter]:
-    """As every adapter node gives it: float32, in eval mode, no gradients."""
-    return (adapter.float().eval().requires_grad_(False),)
 
 
 class NestedAttentionIPAdapterLoader:
@@ -80,7 +74,7 @@ class NestedAttentionOfficialLoader:
         if sorted(clip_tokenizers(clip)) != ["g", "l"]:
             raise ValueError(f"the official Nested Attention checkpoint is for SDXL, but this CLIP has text encoders "
                              f"{sorted(clip_tokenizers(clip))}: connect the CLIP of an SDXL checkpoint")
-        if path.endswith(".safetensors") and read_safetensors_header(path, IMPORT_FIX).metadata.get("format") == FORMAT_NAME:
+        if is_adapter_file(path, IMPORT_FIX):
             raise ValueError(f"{checkpoint} is already a Nested Attention adapter of this pack: load it with 'Load "
                              f"Nested Attention Adapter'")
         word = initializer_word.strip()

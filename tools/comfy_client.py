@@ -52,6 +52,18 @@ class ComfyClient:
     def check_alive(self) -> None:
         """Raise when the server is known to be gone (a subprocess that exited); nothing to check in-process."""
 
+    def wait_until_answering(self, route: str, timeout: float) -> dict:
+        """GET route once the server answers it (it may still be starting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                return self.get(route)
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ComfyUI did not answer on {self.url} within {timeout} s") from None
+                time.sleep(0.1)
+
     def image(self, reference: dict) -> bytes:
         """The file of one entry of a history output's "images"."""
         query = urllib.parse.urlencode({key: reference[key] for key in ("filename", "subfolder", "type")})

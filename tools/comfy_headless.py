@@ -12,8 +12,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
 import uuid
 from pathlib import Path
 
@@ -87,15 +85,7 @@ class HeadlessComfy(ComfyClient):
             return
         threading.Thread(target=self.loop.run_until_complete, args=(self._start_server(),), daemon=True,
                          name="comfyui-server").start()
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI's server did not answer on {self.url} within 120 s")
-                time.sleep(0.1)
+        self.wait_until_answering("/system_stats", timeout=120)
         self._serving = True
 
     def use_scratch_directories(self, scratch: Path, model_folders: tuple[str, ...]) -> None:

@@ -3,8 +3,6 @@ into its custom_nodes, as a user's server runs; driven over HTTP only (`ComfyCli
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -45,17 +43,12 @@ class ComfyServer(ComfyClient):
 
     def wait_until_ready(self, timeout: float) -> None:
         """Until the server answers and lists the pack's nodes (an import failure only shows in the log)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            try:
-                if not self.get(f"/object_info/{PACK_NODE}"):
-                    raise RuntimeError(f"ComfyUI started without the pack's nodes:\n{self.log_tail()}")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log_tail()}") from None
-                time.sleep(0.5)
+        try:
+            listed = self.wait_until_answering(f"/object_info/{PACK_NODE}", timeout)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}:\n{self.log_tail()}") from None
+        if not listed:
+            raise RuntimeError(f"ComfyUI started without the pack's nodes:\n{self.log_tail()}")
 
     def stop(self) -> None:
         self.process.terminate()

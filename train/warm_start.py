@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..encoders.checkpoint_io import read_safetensors_header
 from ..encoders.ipadapter_plus import load_ip_adapter_plus
-from ..encoders.nested_adapter import CLIP_VISION, FORMAT_NAME, NestedAdapter, check_layers, load_nested_adapter
+from ..encoders.nested_adapter import CLIP_VISION, NestedAdapter, check_layers, is_adapter_file, load_nested_adapter
 from ..encoders.vision_layers import VisionLayer
 from ..nodes.base_model import model_cross_attention_layers, model_family
 from ..nodes.nested_adapter_nodes import fresh_adapter, initializer_vectors, last_vision_layers
@@ -34,16 +33,11 @@ def starting_adapter(config: TrainConfig, base) -> NestedAdapter:
     return warm_start_adapter(config, base)
 
 
-def is_adapter_file(path: Path) -> bool:
-    """Whether the file is one of this pack's adapters (a .safetensors with its format metadata)."""
-    return path.suffix == ".safetensors" and read_safetensors_header(path, INIT_FIX).metadata.get("format") == FORMAT_NAME
-
-
 @torch.no_grad()
 def warm_start_adapter(config: TrainConfig, base) -> NestedAdapter:
     path = Path(config.init_from)
     embeddings, _ = initializer_vectors(base.clip, config.initializer_word)
-    if is_adapter_file(path):
+    if is_adapter_file(path, INIT_FIX):
         adapter = load_nested_adapter(path)
     else:
         adapter = load_ip_adapter_plus(path, config.initializer_word, embeddings, config.subject_domain)

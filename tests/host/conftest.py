@@ -110,7 +110,8 @@ def save_half(state_dict: dict, path) -> None:
 
 @pytest.fixture(scope="session")
 def nested_adapter_files(comfy, fastcomposer_models):
-    """SD1.5 adapters for a person and a pet, as the workflows name them: freshly initialised, output projection randomised."""
+    """SD1.5 adapters of this pack's format for a person and a pet, loaded by name in the host tests: freshly
+    initialised, output projection randomised."""
     from subject_personalization.encoders.nested_adapter import save_nested_adapter
     from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
     model, clip = fastcomposer_models[:2]

@@ -31,6 +31,7 @@ COMFYUI_PATH = Path(require_comfyui())
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
+from synthetic_photos import synthetic_subject  # noqa: E402
 
 from subject_personalization.tools.comfy_server import ComfyServer, running_server  # noqa: E402
 
@@ -179,19 +180,11 @@ def nested_encode(graph: Graph, clip: list, branch: Branch) -> str:
     return graph.add("NestedAttentionEncode", clip=clip, subjects=[subjects, 0], text=branch.text)
 
 
-def subject_photo(path: Path, seed: int) -> None:
-    """A seeded picture of a 'subject': a coloured ellipse on a plain background."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:96, :80]
-    inside = ((y - 48) / 32) ** 2 + ((x - 40) / 27) ** 2 <= 1
-    Image.fromarray(np.where(inside[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)).save(path)
-
-
 def session_server(base: Path, model_paths_config: Path):
     """A server reading the session's model files, with the subject photos in its input folder."""
     (base / "input").mkdir(parents=True)
     for photo, seed in PHOTOS.items():
-        subject_photo(base / "input" / photo, seed)
+        synthetic_subject(base / "input" / photo, seed)
     return running_server(COMFYUI_PATH, base, ("--use-pytorch-cross-attention", "--fp32-text-enc",
                                                "--extra-model-paths-config", str(model_paths_config)),
                           boot_timeout=BOOT_TIMEOUT, http_timeout=HTTP_TIMEOUT, environment=RETURN_FREED_MEMORY)

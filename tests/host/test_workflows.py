@@ -13,6 +13,7 @@ from hostenv import require_comfyui
 require_comfyui()
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from synthetic_photos import synthetic_subject  # noqa: E402
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
@@ -35,16 +36,6 @@ MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoad
 
 def load(path):
     return json.loads(path.read_text())
-
-
-def synthetic_subject(path, seed):
-    """A seeded picture of a 'subject': a coloured ellipse on a plain background."""
-    rng = np.random.default_rng(seed)
-    height, width = 96 + 16 * (seed % 3), 80
-    y, x = np.mgrid[:height, :width]
-    inside = ((y - height / 2) / (height / 3)) ** 2 + ((x - width / 2) / (width / 3)) ** 2 <= 1
-    image = np.where(inside[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)
-    Image.fromarray(image).save(path)
 
 
 def fast(prompt):
