@@ -30,8 +30,10 @@ class Example:
     prompt: str
     subjects: tuple[tuple[str, str], ...]  # (word, photo in photos/), in subject order
     build: Callable[["Example"], "Graph"]
-    adapters: tuple[str, ...] = ()  # Nested Attention: each subject's IP-Adapter file (models/ipadapter)
+    adapters: tuple[str, ...] = ()  # Nested Attention: each subject's adapter file (ADAPTER_LOADERS says which folder)
     regions: bool = False  # each subject held to its own side of the picture
+    checkpoint: str = "v1-5-pruned-emaonly.safetensors"  # Nested Attention: the base model (models/checkpoints)
+    size: int = 512  # image side
 
 
 def drawn_box(node) -> tuple[int, int, int, int]:
@@ -141,9 +143,9 @@ def fastcomposer_encode(g, loader, prompt):
     return encode
 
 
-def sample_and_save(g, x, settings, prefix, model, positive, negative, vae, patches=()):
+def sample_and_save(g, x, settings, prefix, model, positive, negative, vae, patches=(), size=512):
     """The Sampling group at x: the model patches, image size and sampler, then decode and save; the decode node."""
-    latent = g.node("EmptyLatentImage", (patches[0]["size"][0] if patches else 320, 120), [512, 512, 1],
+    latent = g.node("EmptyLatentImage", (patches[0]["size"][0] if patches else 320, 120), [size, size, 1],
                     outputs=[("LATENT", "LATENT")], title="Image size")
     sampler = g.node("KSampler", (latent["size"][0], 280), settings,
                      inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -188,21 +190,32 @@ def region_mask(g, word, side, left, right):
                   title=f"Region: {word} ({side} half)")
 
 
-def nested_ip_adapter(example):
-    """IP-Adapter Plus SD1.5 files as the nested adapters, one loader per subject word (and file)."""
+OFFICIAL_SDXL_FILE = "nested_attention_official_sdxl.safetensors"  # the authors' demo checkpoint, as the README names it
+
+
+def adapter_loader(g, word, file):
+    """The loader of one subject's adapter: the authors' SDXL checkpoint, or an IP-Adapter Plus file."""
+    if file == OFFICIAL_SDXL_FILE:
+        return g.node("NestedAttentionOfficialLoader", (WIDE, 110), [file, word], inputs=[("clip", "CLIP")],
+                      outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter for {word} (official SDXL)")
+    kind = "IP-Adapter Plus Face" if "face" in file else "IP-Adapter Plus"
+    return g.node("NestedAttentionIPAdapterLoader", (400, 110), [file, word], inputs=[("clip", "CLIP")],
+                  outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter for {word} ({kind})")
+
+
+def nested_attention(example):
+    """Nested Attention from existing weights, one adapter loader per subject word (and file)."""
     g = Graph()
-    checkpoint = g.node("CheckpointLoaderSimple", (WIDE, 110), ["v1-5-pruned-emaonly.safetensors"],
-                        outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title="SD1.5 checkpoint")
+    family = "SDXL" if "xl" in example.checkpoint else "SD1.5"
+    checkpoint = g.node("CheckpointLoaderSimple", (WIDE, 110), [example.checkpoint],
+                        outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], title=f"{family} checkpoint")
     vision = g.node("CLIPVisionLoader", (WIDE, 70), ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],
                     outputs=[("CLIP_VISION", "CLIP_VISION")], title="Image encoder (CLIP ViT-H/14)")
     column(40, TOP, checkpoint, vision)
     members, previous, top = [], None, TOP
     for (word, file), adapter_file, (side, left, right) in zip(example.subjects, example.adapters, SIDES):
-        kind = "IP-Adapter Plus Face" if "face" in adapter_file else "IP-Adapter Plus"
-        adapter = g.node("NestedAttentionIPAdapterLoader", (400, 110), [adapter_file, word],
-                         inputs=[("clip", "CLIP")], outputs=[("nested_adapter", "NESTED_ADAPTER")],
-                         title=f"Adapter for {word} ({kind})")
-        image = photo(g, word, file, 400)
+        adapter = adapter_loader(g, word, adapter_file)
+        image = photo(g, word, file, adapter["size"][0])
         subject = g.node("NestedAttentionSubject", (360, 290), [word, 1.0, 0.0, 1.0, 0, 0.0],
                          inputs=[("nested_adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"),
                                  ("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
@@ -235,7 +248,7 @@ def nested_ip_adapter(example):
     g.link(encode, "positive", apply, "positive")
     sample_and_save(g, right_of(encode), [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0], "nested_attention",
                     (apply, "model"), (encode, "positive"), (negative, "CONDITIONING"), (checkpoint, "VAE"),
-                    patches=(apply,))
+                    patches=(apply,), size=example.size)
     return g
 
 
@@ -300,11 +313,14 @@ EXAMPLES = (
             (("man", "camera.jpg"), ("woman", "astronaut.jpg")), fastcomposer),
     Example("nested_ipadapter_single_subject", "Nested Attention", "One subject, IP-Adapter Plus Face weights",
             "a photo of a woman hiking in the mountains, golden hour", (("woman", "astronaut.jpg"),),
-            nested_ip_adapter, adapters=("ip-adapter-plus-face_sd15.safetensors",)),
+            nested_attention, adapters=("ip-adapter-plus-face_sd15.safetensors",)),
     Example("nested_ipadapter_person_and_cat", "Nested Attention", "A woman and a cat, one IP-Adapter file each",
             "a photo of a woman sitting on a bench with a cat in a park",
-            (("woman", "astronaut.jpg"), ("cat", "chelsea.jpg")), nested_ip_adapter,
+            (("woman", "astronaut.jpg"), ("cat", "chelsea.jpg")), nested_attention,
             adapters=("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"), regions=True),
+    Example("nested_official_sdxl", "Nested Attention", "One person, the authors' SDXL checkpoint",
+            "a photo of a person as a chef in a sunny kitchen", (("person", "astronaut.jpg"),), nested_attention,
+            adapters=(OFFICIAL_SDXL_FILE,), checkpoint="sd_xl_base_1.0.safetensors", size=1024),
     Example("two_subjects_with_masks", "FastComposer", "Two subjects, one region each, attention maps",
             "a man and a woman reading a book together", (("man", "camera.jpg"), ("woman", "astronaut.jpg")),
             two_subjects_with_masks),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
+from model_files import save_half
 from random_modules import randomise
 from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
@@ -99,13 +100,6 @@ def ipadapter_plus_face_file(comfy):
 def write_sd15_ip_adapter_plus(comfy, name: str, seed: int):
     from ipadapter_files import ip_adapter_plus, write_ip_adapter
     return write_ip_adapter(comfy.model_dir("ipadapter") / name, ip_adapter_plus("sd15", seed=seed))
-
-
-def save_half(state_dict: dict, path) -> None:
-    """Floating tensors in fp16: half the disk, and the tests that read these files compare nothing with fp32 weights."""
-    from safetensors.torch import save_file
-    save_file({key: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
-               for key, tensor in state_dict.items()}, path)
 
 
 @pytest.fixture(scope="session")

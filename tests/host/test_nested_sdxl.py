@@ -3,39 +3,18 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
-from random_modules import randomise
+from sdxl_models import random_sdxl
 
 require_comfyui()
 
-SDXL_UNET = {  # ComfyUI's SDXL base UNet configuration (comfy/supported_models.py, model_detection.py)
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 DTYPE = torch.bfloat16  # halves memory; the CPU runs bf16 matmuls
 
 
 @pytest.fixture(scope="module")
 def sdxl(comfy):
-    import comfy.model_detection
     import comfy.model_patcher
-    import comfy.sd
-    import comfy.sdxl_clip
-    config = comfy.model_detection.model_config_from_unet_config({**SDXL_UNET, "dtype": DTYPE})
-    assert type(config).__name__ == "SDXL"
-    config.set_inference_dtype(DTYPE, None)
-    unet = config.get_model({}, "")
-    randomise(unet, seed=0)
+    unet, clip = random_sdxl(DTYPE, seed=0)
     model = comfy.model_patcher.ModelPatcher(unet, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-    class SDXLText:
-        clip, tokenizer, params = comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer, {}
-
-    clip = comfy.sd.CLIP(target=SDXLText(), model_options={"dtype": DTYPE})
-    randomise(clip.cond_stage_model, seed=1)
     return model, clip
 
 

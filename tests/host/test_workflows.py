@@ -31,7 +31,11 @@ MODEL_FILE_FIXTURES = {
     "ip-adapter-plus_sd15.safetensors": "ipadapter_plus_file",
     "ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
 }
-MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "NestedAttentionIPAdapterLoader"}
+# Run by test_official_sdxl_workflow.py instead, in a server in bf16: SDXL in float32 does not fit beside this session.
+SDXL_FILES = {"sd_xl_base_1.0.safetensors", "nested_attention_official_sdxl.safetensors"}
+SDXL_WORKFLOWS = {"nested_official_sdxl.json"}
+MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "NestedAttentionIPAdapterLoader",
+                 "NestedAttentionOfficialLoader"}
 
 
 def load(path):
@@ -51,7 +55,7 @@ def fast(prompt):
 def test_there_are_workflows():
     names = {path.name for path in WORKFLOWS}
     assert {"fastcomposer_single_subject.json", "fastcomposer_two_subjects.json", "nested_ipadapter_single_subject.json",
-            "nested_ipadapter_person_and_cat.json", "two_subjects_with_masks.json"} <= names
+            "nested_ipadapter_person_and_cat.json", "nested_official_sdxl.json", "two_subjects_with_masks.json"} <= names
 
 
 def test_the_workflows_are_what_tools_build_workflows_writes(tmp_path):
@@ -75,7 +79,7 @@ def test_workflow_names_only_shipped_photos_and_public_model_files(path, comfy):
             assert (comfy.input_dir / folder / name).read_bytes() == (PACK_ROOT / "photos" / name).read_bytes()
         if node["class_type"] in MODEL_LOADERS:
             named = [value for value in node["inputs"].values() if isinstance(value, str) and "." in value]
-            assert named and all(name in MODEL_FILE_FIXTURES for name in named), node
+            assert named and all(name in MODEL_FILE_FIXTURES.keys() | SDXL_FILES for name in named), node
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -97,7 +101,8 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
     assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+@pytest.mark.parametrize("path", [path for path in WORKFLOWS if path.name not in SDXL_WORKFLOWS],
+                         ids=lambda path: path.name)
 def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
     prompt = fast(comfy.workflow_to_prompt(load(path)))
     for node in prompt.values():
