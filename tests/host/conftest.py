@@ -17,6 +17,8 @@ FASTCOMPOSER_FILE = "pytorch_model.bin"
 IP_ADAPTER_PLUS_FILE = "ip-adapter-plus_sd15.safetensors"
 IP_ADAPTER_PLUS_FACE_FILE = "ip-adapter-plus-face_sd15.safetensors"  # the same layout, trained on faces
 VIT_H_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+SDXL_CHECKPOINT_FILE = "sd_xl_base_1.0.safetensors"
+OFFICIAL_NESTED_FILE = "nested_attention_official_sdxl.safetensors"  # the authors' demo checkpoint, as the README names it
 
 # Several full-size models come and go in one process. glibc keeps freed blocks below its (growing) mmap
 # threshold on the heap, so the process would hold every model it ever freed; a fixed 1 MiB threshold
@@ -121,3 +123,36 @@ def nested_adapter_files(comfy, fastcomposer_models):
         save_nested_adapter(paths[name], adapter)
     return paths
 
+
+
+@pytest.fixture(scope="session")
+def official_sdxl_files(tmp_path_factory, fastcomposer_models):
+    """[SDXL base checkpoint, official Nested Attention checkpoint], seeded random weights in published layouts, in
+    checkpoints/ and nested_attention/ folders of their own (only servers in bf16 load them: test_official_sdxl_workflow
+    says why); removed at the end of the session, 7.7 GB.
+    - The base: ComfyUI's own SDXL UNet and text encoders (and the session's SD1.5 VAE, the same architecture), saved
+      the way ComfyUI saves a checkpoint, fp16 as released.
+    - The official checkpoint: IP-Adapter Plus SDXL's tensors under diffusers module names, one of the layouts the
+      import accepts: image_proj.<resampler key>, unet.<attn2 module>.processor.to_{k,v}_nest.weight."""
+    from ipadapter_files import ip_adapter_plus
+    from sdxl_models import random_sdxl
+    from subject_personalization.encoders.unet_layers import ip_adapter_layers, to_diffusers_name
+    models = tmp_path_factory.mktemp("sdxl_models")
+    base, official = models / "checkpoints" / SDXL_CHECKPOINT_FILE, models / "nested_attention" / OFFICIAL_NESTED_FILE
+    for path in (base, official):
+        path.parent.mkdir()
+    try:
+        unet, clip = random_sdxl(torch.float16, seed=20)
+        save_half(unet.state_dict_for_saving(clip.get_sd(), fastcomposer_models[2].get_sd()), base)
+        del unet, clip
+        parts = ip_adapter_plus("sdxl", seed=21)
+        state = {f"image_proj.{key}": tensor for key, tensor in parts["image_proj"].items()}
+        for number, layer in ip_adapter_layers("sdxl").items():
+            for kv in "kv":
+                state[f"unet.{to_diffusers_name(layer.block)}.processor.to_{kv}_nest.weight"] = \
+                    parts["ip_adapter"][f"{number}.to_{kv}_ip.weight"]
+        save_half(state, official)
+        yield [base, official]
+    finally:
+        for path in (base, official):
+            path.unlink(missing_ok=True)

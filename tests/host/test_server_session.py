@@ -31,6 +31,7 @@ COMFYUI_PATH = Path(require_comfyui())
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
+from model_files import model_paths_config  # noqa: E402
 from synthetic_photos import synthetic_subject  # noqa: E402
 
 from subject_personalization.tools.comfy_server import ComfyServer, running_server  # noqa: E402
@@ -238,16 +239,6 @@ def finished(server: ComfyServer, name: str, graph: Graph, entry: dict) -> Run:
     return run
 
 
-def model_paths_config(folder: Path, sd15_checkpoint_file, clip_vision_file, nested_adapter_files) -> Path:
-    """An extra_model_paths.yaml naming the folders where the session fixtures wrote the models."""
-    folders = {"checkpoints": sd15_checkpoint_file.parent, "clip_vision": clip_vision_file.parent,
-               "nested_attention": next(iter(nested_adapter_files.values())).parent}
-    path = folder / "extra_model_paths.yaml"
-    # JSON strings are YAML strings: any character a temporary path may hold is quoted.
-    path.write_text("session_models:\n" + "".join(f"    {name}: {json.dumps(str(where))}\n" for name, where in folders.items()))
-    return path
-
-
 @dataclass
 class Session:
     runs: list[Run]
@@ -261,8 +252,8 @@ class Session:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory, sd15_checkpoint_file, clip_vision_file, nested_adapter_files) -> Session:
-    config = model_paths_config(tmp_path_factory.mktemp("model_paths"), sd15_checkpoint_file, clip_vision_file,
-                                nested_adapter_files)
+    config = model_paths_config(tmp_path_factory.mktemp("model_paths") / "extra_model_paths.yaml",
+                                [sd15_checkpoint_file, clip_vision_file, *nested_adapter_files.values()])
     started = time.monotonic()
     with session_server(tmp_path_factory.mktemp("long_session"), config) as server:
         runs = run_all(server, WARM_UP)

@@ -1,0 +1,293 @@
+"""Browser tier: every workflow in workflows/ opened in ComfyUI's own graph editor, in headless Chromium.
+
+A real ComfyUI server (its main.py, loopback, a temporary base directory, CPU) serves its bundled frontend with the
+pack installed; Playwright drives Debian's Chromium (no browser download). For each workflow, opened the way
+Workflow > Open opens a file (`app.handleFile`), and again from the template browser:
+- no missing-node dialog, no page error, no console error while it loads;
+- every node as saved: type, widget values, position and size (the editor needs no more room than saved:
+  `computeSize` fits in it), every link as saved;
+- no node, title bar or pack badge overlaps another node's (badges placed as LGraphNode.drawBadges places them);
+- the prompt `app.graphToPrompt()` makes is accepted by the server's /prompt validation, with every model file the
+  workflow names present (the session's seeded random files). A held prompt keeps the queue busy meanwhile, so
+  the accepted prompt is deleted from the queue before it runs: nothing is loaded or sampled.
+Screenshots of each workflow and of the template browser go to $SUBJECT_TEST_ARTIFACTS/graph_editor/<version>
+(CI keeps them), else to the test's temporary folder.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hostenv import require_comfyui
+
+COMFYUI_PATH = Path(require_comfyui())
+from model_files import model_paths_config  # noqa: E402
+
+from subject_personalization.tools.comfy_server import running_server  # noqa: E402
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# The flags a root CI machine with no network needs: no sandbox, no GPU, no background connections.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 2560, "height": 1440}  # the whole of each workflow above the zoom where text is drawn
+TITLE_BAR = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above a node's pos
+BADGE_GAP = 2  # LGraphNode.drawBadges' default gap: between the title bar and its badges, and between badges
+LOAD_TIMEOUT = 120_000  # ms: the frontend's first load on a busy 2-core machine
+PACK_TEMPLATES = "comfyui-subject-personalization"  # the template browser's category: the pack's folder name
+HOLD_NODE = '''import time
+from pathlib import Path
+
+
+class HoldQueue:
+    """Executes until RELEASE exists: the prompts queued behind it are validated but wait."""
+    RELEASE = Path(__file__).with_name("release")
+    CATEGORY, FUNCTION, RETURN_TYPES, OUTPUT_NODE = "testing", "hold", (), True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def hold(self):
+        while not self.RELEASE.exists():
+            time.sleep(0.05)
+        return ()
+
+
+NODE_CLASS_MAPPINGS = {"HoldQueue": HoldQueue}
+'''
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
+if sync_playwright is None or not Path(CHROMIUM).is_file():
+    pytest.skip(f"the browser tier needs Playwright (pip install playwright) and Debian's Chromium at {CHROMIUM} "
+                f"(apt-get install chromium); .ci/run installs both", allow_module_level=True)
+
+# In the page: each node as the editor holds it, with the boxes it draws (title bar and badges included).
+NODES_AS_DRAWN = """(badgeGap) => {
+    const ctx = window.app.canvas.ctx, title = LiteGraph.NODE_TITLE_HEIGHT;
+    return window.app.graph._nodes.map((node) => {
+        const [x, y] = node.pos, [width, height] = node.size;
+        const boxes = [[x, y - title, x + width, y + height]];
+        const badges = (node.badges || []).map((badge) => typeof badge === "function" ? badge() : badge)
+            .filter((badge) => badge.text);
+        const widths = badges.map((badge) => badge.getWidth(ctx));
+        let left = node.badgePosition === "top-right" ? width - widths.reduce((sum, w) => sum + w + badgeGap, 0) : 0;
+        badges.forEach((badge, i) => {
+            const bottom = y - title - badgeGap;
+            boxes.push([x + left, bottom - badge.height, x + left + widths[i], bottom]);
+            left += widths[i] + badgeGap;
+        });
+        return {id: node.id, type: node.type, title: node.title, boxes, size: [width, height],
+                needs: Array.from(node.computeSize()), badges: badges.map((badge) => badge.text)};
+    });
+}"""
+OPEN_FILE = """async ([text, name]) => {
+    await window.app.handleFile(new File([text], name, {type: "application/json"}));
+}"""
+QUEUE_AS_RUN_DOES = """async (clientId) => {
+    const {output} = await window.app.graphToPrompt();
+    const reply = await fetch("/prompt", {method: "POST", headers: {"Content-Type": "application/json"},
+                                          body: JSON.stringify({prompt: output, client_id: clientId})});
+    return {status: reply.status, body: await reply.json()};
+}"""
+FIT_VIEW = """() => {  // the whole graph, in the part of the canvas the editor's bars leave free
+    const nodes = window.app.graph._nodes, canvas = window.app.canvas, view = canvas.canvas.getBoundingClientRect();
+    const padLeft = Math.max(90 - view.left, 20), padTop = Math.max(140 - view.top, 20);
+    const left = Math.min(...nodes.map((n) => n.pos[0])) - 20, top = Math.min(...nodes.map((n) => n.pos[1])) - 100;
+    const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+    const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+    const scale = Math.min((view.width - padLeft - 20) / (right - left), (view.height - padTop - 20) / (bottom - top), 1);
+    canvas.ds.scale = scale;
+    canvas.ds.offset = [padLeft / scale - left, padTop / scale - top];
+    canvas.setDirty(true, true);
+}"""
+
+
+def overlapping(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def clashes(drawn: list[dict]) -> list[tuple[str, str, bool]]:
+    """(title, title, whether a badge is involved) for every two nodes whose drawn boxes overlap."""
+    found = []
+    for i, a in enumerate(drawn):
+        for b in drawn[i + 1:]:
+            for index_a, box_a in enumerate(a["boxes"]):
+                for index_b, box_b in enumerate(b["boxes"]):
+                    if overlapping(box_a, box_b):
+                        found.append((a["title"], b["title"], index_a > 0 or index_b > 0))
+    return found
+
+
+class Editor:
+    """The graph editor's page, the server behind it, and what the page reported."""
+
+    def __init__(self, page, server, hold_release: Path, screenshots: Path):
+        self.page, self.server, self.hold_release, self.screenshots = page, server, hold_release, screenshots
+        self.errors: list[str] = []
+        page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        page.on("console", lambda message: message.type == "error" and self.report(
+            f"console error: {message.text}", message.location.get("url", "")))
+        page.on("requestfailed", lambda request: self.report(f"request failed: {request.url}", request.url))
+        page.on("response", lambda response: response.status >= 400 and self.report(
+            f"HTTP {response.status}: {response.url}", response.url))
+
+    def report(self, error: str, url: str) -> None:
+        """Keep what concerns the server; this machine has no network, so the frontend's calls to comfy.org fail."""
+        if not url.startswith("http") or url.startswith(self.server.url):
+            self.errors.append(error)
+
+    def open_file(self, path: Path) -> None:
+        self.errors.clear()
+        self.page.evaluate(OPEN_FILE, [path.read_text(), path.name])
+        self.wait_for_graph(json.loads(path.read_text()))
+
+    def wait_for_graph(self, workflow: dict) -> None:
+        expected = sorted(node["id"] for node in workflow["nodes"])
+        self.page.wait_for_function("(ids) => JSON.stringify(window.app.graph._nodes.map((n) => n.id).sort("
+                                    "(a, b) => a - b)) === JSON.stringify(ids)", arg=expected, timeout=LOAD_TIMEOUT)
+        self.page.wait_for_timeout(500)  # the canvas draws, and whatever the load triggers reports
+
+    def dialogs(self) -> list[str]:
+        return self.page.evaluate("() => [...document.querySelectorAll('.p-dialog')]"
+                                  ".filter((dialog) => dialog.offsetParent !== null).map((dialog) => dialog.innerText)")
+
+    def close_dialogs(self) -> None:
+        for close in self.page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']").all():
+            if close.is_visible():
+                close.click()
+        self.page.wait_for_function("() => ![...document.querySelectorAll('.p-dialog')]"
+                                    ".some((dialog) => dialog.offsetParent !== null)", timeout=10_000)
+
+    def screenshot(self, name: str) -> None:
+        self.screenshots.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(self.screenshots / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def editor(tmp_path_factory, fastcomposer_file, sd15_checkpoint_file, clip_vision_file, clip_vision_h_file,
+           ipadapter_plus_file, ipadapter_plus_face_file, official_sdxl_files):
+    base = tmp_path_factory.mktemp("graph_editor")
+    hold = base / "custom_nodes" / "hold_queue"
+    hold.mkdir(parents=True)
+    (hold / "__init__.py").write_text(HOLD_NODE)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # a returning user: no first-run templates
+    config = model_paths_config(base / "extra_model_paths.yaml",
+                                [fastcomposer_file, sd15_checkpoint_file, clip_vision_file, clip_vision_h_file,
+                                 ipadapter_plus_file, ipadapter_plus_face_file, *official_sdxl_files])
+    artifacts = os.environ.get("SUBJECT_TEST_ARTIFACTS")
+    version = COMFYUI_PATH.name
+    screenshots = Path(artifacts) / "graph_editor" / version if artifacts else base / "screenshots"
+    with running_server(COMFYUI_PATH, base, ("--extra-model-paths-config", str(config))) as server, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(server.url)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
+                                   "window.app.extensionManager", timeout=LOAD_TIMEOUT)
+            page.wait_for_load_state("networkidle")  # the start-up's own requests (a new user's 404s) are over
+            held = server.queue({"1": {"class_type": "HoldQueue", "inputs": {}}}, "graph-editor-test")
+            yield Editor(page, server, hold / "release", screenshots)
+        finally:
+            (hold / "release").touch()
+            browser.close()
+    print(f"\ngraph editor screenshots: {screenshots}")
+    assert held
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_the_workflow_opens_clean_in_the_editor(editor, path):
+    workflow = json.loads(path.read_text())
+    editor.open_file(path)
+    assert not editor.dialogs(), f"{path.name}: a dialog opened: {editor.dialogs()}"
+    assert not editor.errors, f"{path.name}: {editor.errors}"
+    check_graph_as_saved(editor, workflow, path.name)
+    editor.page.evaluate(FIT_VIEW)
+    editor.page.wait_for_timeout(300)
+    editor.screenshot(path.stem)
+
+
+def check_graph_as_saved(editor, workflow: dict, name: str) -> None:
+    graph = editor.page.evaluate("() => window.app.graph.serialize()")
+    saved = {node["id"]: node for node in workflow["nodes"]}
+    loaded = {node["id"]: node for node in graph["nodes"]}
+    assert loaded.keys() == saved.keys()
+    for id_, node in saved.items():
+        for field in ("type", "widgets_values", "pos", "size"):
+            assert loaded[id_][field] == node[field], f"{name}: node {id_} ({node['type']}) {field}"
+    assert sorted(map(tuple, graph["links"])) == sorted(map(tuple, workflow["links"])), f"{name}: links"
+    drawn = editor.page.evaluate(NODES_AS_DRAWN, BADGE_GAP)
+    for node in drawn:
+        assert node["needs"][0] <= node["size"][0] and node["needs"][1] <= node["size"][1], \
+            f"{name}: {node['title']} needs {node['needs']}, saved {node['size']}"
+    assert any(node["badges"] for node in drawn), f"{name}: no pack badge drawn, so none was checked"
+    assert not clashes(drawn), f"{name}: overlapping (title, title, badge involved): {clashes(drawn)}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_the_prompt_the_editor_makes_passes_the_servers_validation(editor, path):
+    editor.open_file(path)
+    reply = editor.page.evaluate(QUEUE_AS_RUN_DOES, "graph-editor-test")
+    assert reply["status"] == 200 and not reply["body"].get("node_errors"), f"{path.name}: {reply}"
+    prompt_id = reply["body"]["prompt_id"]
+    editor.server.post("/queue", {"delete": [prompt_id]})  # before it runs: the held prompt still executes
+    queue = editor.server.get("/queue")
+    assert [entry[1] for entry in queue["queue_running"]] != [prompt_id]
+    assert prompt_id not in [entry[1] for entry in queue["queue_pending"]]
+
+
+def test_a_workflow_with_an_unknown_node_shows_the_missing_node_dialog(editor, tmp_path):
+    """The check above can fail: the editor does report a node it does not know, in a dialog."""
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    workflow["nodes"][0]["type"] = "NoSuchNodeAnywhere"
+    path = tmp_path / "unknown_node.json"
+    path.write_text(json.dumps(workflow))
+    editor.open_file(path)
+    assert any("NoSuchNodeAnywhere" in dialog for dialog in editor.dialogs())
+    editor.close_dialogs()
+
+
+def test_a_node_10_px_above_a_pack_node_is_caught_under_its_badge(editor, tmp_path):
+    """The overlap check can fail: a node whose bottom is 10 px above a pack node's title bar is under its badge."""
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    editor.open_file(WORKFLOWS[0])
+    badged = next(node for node in editor.page.evaluate(NODES_AS_DRAWN, BADGE_GAP) if node["badges"])
+    pack_node = next(node for node in workflow["nodes"] if node["id"] == badged["id"])
+    other = next(node for node in workflow["nodes"] if node["id"] != badged["id"])
+    other["pos"] = [pack_node["pos"][0], pack_node["pos"][1] - TITLE_BAR - 10 - other["size"][1]]
+    path = tmp_path / "badge_overlap.json"
+    path.write_text(json.dumps(workflow))
+    editor.open_file(path)
+    found = clashes(editor.page.evaluate(NODES_AS_DRAWN, BADGE_GAP))
+    assert (other.get("title", other["type"]), badged["title"], True) in found or \
+        (badged["title"], other.get("title", other["type"]), True) in found, found
+
+
+def test_the_template_browser_shows_the_pack_cards_with_pictures_and_opens_them(editor):
+    for path in WORKFLOWS:
+        editor.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        editor.page.get_by_text(PACK_TEMPLATES, exact=True).first.click()
+        cards = editor.page.locator("[data-testid^='template-workflow-']")
+        cards.first.wait_for(timeout=LOAD_TIMEOUT)
+        names = sorted(cards.evaluate_all("(cards) => cards.map((card) => card.dataset.testid)"))
+        assert names == sorted(f"template-workflow-{workflow.stem}" for workflow in WORKFLOWS)
+        pictures = editor.page.locator(f"[data-testid='template-workflow-{path.stem}'] img")
+        pictures.first.wait_for(timeout=LOAD_TIMEOUT)
+        editor.page.wait_for_function("(images) => images.every((image) => image.complete && image.naturalWidth > 0)",
+                                      arg=pictures.element_handles(), timeout=LOAD_TIMEOUT)
+        if path == WORKFLOWS[0]:
+            editor.screenshot("template_browser")
+        editor.errors.clear()
+        editor.page.locator(f"[data-testid='template-workflow-{path.stem}']").click()
+        editor.wait_for_graph(json.loads(path.read_text()))
+        assert not editor.dialogs() and not editor.errors, f"{path.name}: {editor.dialogs()} {editor.errors}"
+        check_graph_as_saved(editor, json.loads(path.read_text()), path.name)
