@@ -7,6 +7,7 @@ Workflow > Open opens a file (`app.handleFile`), and again from the template bro
 - every node as saved: type, widget values, position and size (the editor needs no more room than saved:
   `computeSize` fits in it), every link as saved;
 - no node, title bar or pack badge overlaps another node's (badges placed as LGraphNode.drawBadges places them);
+- with the whole graph in view, the editor draws every title and no label or value cut short with an ellipsis;
 - the prompt `app.graphToPrompt()` makes is accepted by the server's /prompt validation, with every model file the
   workflow names present (the session's seeded random files). A held prompt keeps the queue busy meanwhile, so
   the accepted prompt is deleted from the queue before it runs: nothing is loaded or sampled.
@@ -106,6 +107,20 @@ FIT_VIEW = """() => {  // the whole graph, in the part of the canvas the editor'
     canvas.ds.scale = scale;
     canvas.ds.offset = [padLeft / scale - left, padTop / scale - top];
     canvas.setDirty(true, true);
+}"""
+
+TEXTS_DRAWN = """() => {  // every text the canvas draws in one full redraw, through the editor's own drawing code
+    const texts = [], fillText = CanvasRenderingContext2D.prototype.fillText;
+    CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+        texts.push(String(text));
+        return fillText.call(this, text, ...rest);
+    };
+    try {
+        window.app.canvas.draw(true, true);
+    } finally {
+        CanvasRenderingContext2D.prototype.fillText = fillText;
+    }
+    return texts;
 }"""
 
 
@@ -212,7 +227,10 @@ def test_the_workflow_opens_clean_in_the_editor(editor, path):
     assert not editor.errors, f"{path.name}: {editor.errors}"
     check_graph_as_saved(editor, workflow, path.name)
     editor.page.evaluate(FIT_VIEW)
-    editor.page.wait_for_timeout(300)
+    texts = editor.page.evaluate(TEXTS_DRAWN)
+    titles = [node.get("title", "") for node in workflow["nodes"]]
+    assert all(title in texts for title in titles if title), f"{path.name}: titles not drawn (zoomed out too far)"
+    assert not [text for text in texts if "\u2026" in text], f"{path.name}: truncated labels: {texts}"
     editor.screenshot(path.stem)
 
 
@@ -270,6 +288,18 @@ def test_a_node_10_px_above_a_pack_node_is_caught_under_its_badge(editor, tmp_pa
     found = clashes(editor.page.evaluate(NODES_AS_DRAWN, BADGE_GAP))
     assert (other.get("title", other["type"]), badged["title"], True) in found or \
         (badged["title"], other.get("title", other["type"]), True) in found, found
+
+
+def test_a_loader_too_narrow_for_its_file_name_is_caught(editor, tmp_path):
+    """The truncation check can fail: Load Checkpoint at 320 px cuts its label or file name short."""
+    source = next(path for path in WORKFLOWS if "CheckpointLoaderSimple" in path.read_text())
+    workflow = json.loads(source.read_text())
+    next(node for node in workflow["nodes"] if node["type"] == "CheckpointLoaderSimple")["size"][0] = 320
+    path = tmp_path / "narrow_loader.json"
+    path.write_text(json.dumps(workflow))
+    editor.open_file(path)
+    editor.page.evaluate(FIT_VIEW)
+    assert [text for text in editor.page.evaluate(TEXTS_DRAWN) if "\u2026" in text]
 
 
 def test_the_template_browser_shows_the_pack_cards_with_pictures_and_opens_them(editor):
