@@ -143,8 +143,8 @@ def clashes(drawn: list[dict]) -> list[tuple[str, str, bool]]:
 class Editor:
     """The graph editor's page, the server behind it, and what the page reported."""
 
-    def __init__(self, page, server, hold_release: Path, screenshots: Path):
-        self.page, self.server, self.hold_release, self.screenshots = page, server, hold_release, screenshots
+    def __init__(self, page, server, held_prompt: str, screenshots: Path):
+        self.page, self.server, self.held_prompt, self.screenshots = page, server, held_prompt, screenshots
         self.errors: list[str] = []
         page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
         page.on("console", lambda message: message.type == "error" and self.report(
@@ -199,8 +199,7 @@ def editor(tmp_path_factory, fastcomposer_file, sd15_checkpoint_file, clip_visio
                                 [fastcomposer_file, sd15_checkpoint_file, clip_vision_file, clip_vision_h_file,
                                  ipadapter_plus_file, ipadapter_plus_face_file, *official_sdxl_files])
     artifacts = os.environ.get("SUBJECT_TEST_ARTIFACTS")
-    version = COMFYUI_PATH.name
-    screenshots = Path(artifacts) / "graph_editor" / version if artifacts else base / "screenshots"
+    screenshots = Path(artifacts) / "graph_editor" / COMFYUI_PATH.name if artifacts else base / "screenshots"
     with running_server(COMFYUI_PATH, base, ("--extra-model-paths-config", str(config))) as server, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -210,13 +209,12 @@ def editor(tmp_path_factory, fastcomposer_file, sd15_checkpoint_file, clip_visio
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
                                    "window.app.extensionManager", timeout=LOAD_TIMEOUT)
             page.wait_for_load_state("networkidle")  # the start-up's own requests (a new user's 404s) are over
-            held = server.queue({"1": {"class_type": "HoldQueue", "inputs": {}}}, "graph-editor-test")
-            yield Editor(page, server, hold / "release", screenshots)
+            held_prompt = server.queue({"1": {"class_type": "HoldQueue", "inputs": {}}}, "graph-editor-test")
+            yield Editor(page, server, held_prompt, screenshots)
         finally:
             (hold / "release").touch()
             browser.close()
     print(f"\ngraph editor screenshots: {screenshots}")
-    assert held
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -257,10 +255,11 @@ def test_the_prompt_the_editor_makes_passes_the_servers_validation(editor, path)
     reply = editor.page.evaluate(QUEUE_AS_RUN_DOES, "graph-editor-test")
     assert reply["status"] == 200 and not reply["body"].get("node_errors"), f"{path.name}: {reply}"
     prompt_id = reply["body"]["prompt_id"]
-    editor.server.post("/queue", {"delete": [prompt_id]})  # before it runs: the held prompt still executes
+    editor.server.post("/queue", {"delete": [prompt_id]})
     queue = editor.server.get("/queue")
-    assert [entry[1] for entry in queue["queue_running"]] != [prompt_id]
+    assert [entry[1] for entry in queue["queue_running"]] == [editor.held_prompt], "the held prompt must still run"
     assert prompt_id not in [entry[1] for entry in queue["queue_pending"]]
+    assert prompt_id not in editor.server.get("/history"), f"{path.name} ran"
 
 
 def test_a_workflow_with_an_unknown_node_shows_the_missing_node_dialog(editor, tmp_path):
