@@ -30,7 +30,7 @@ class Example:
     prompt: str
     subjects: tuple[tuple[str, str], ...]  # (word, photo in photos/), in subject order
     build: Callable[["Example"], "Graph"]
-    adapters: tuple[str, ...] = ()  # Nested Attention: each subject's adapter file (ADAPTER_LOADERS says which folder)
+    adapters: tuple[str, ...] = ()  # Nested Attention: each subject's adapter file (adapter_loader picks its loader)
     regions: bool = False  # each subject held to its own side of the picture
     checkpoint: str = "v1-5-pruned-emaonly.safetensors"  # Nested Attention: the base model (models/checkpoints)
     size: int = 512  # image side

@@ -160,6 +160,16 @@ class HeadlessComfy(ComfyClient):
         return paths
 
 
+def small_and_quick(prompt: dict, side: int, steps: int) -> dict:
+    """The prompt (API format, changed in place and returned) at side x side pixels and `steps` sampler steps."""
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=side, height=side)
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return prompt
+
+
 def _import_file(module_name: str, path: Path):
     """Execute a source file as a module of that name (not __main__: main.py then skips its own start)."""
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tools folder only, never the pack root
-from comfy_headless import HeadlessComfy  # noqa: E402
+from comfy_headless import HeadlessComfy, small_and_quick  # noqa: E402
 
 SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
 PHOTOS = Path(__file__).resolve().parent.parent / "photos"
@@ -86,11 +86,7 @@ def run(comfy: HeadlessComfy, prompt: dict, args: argparse.Namespace, parser: ar
         comfy.use_scratch_directories(scratch, tuple(LOADERS[loader][0] for loader in STAND_INS))
         shutil.copytree(PHOTOS, comfy.input_dir / PHOTOS_SUBFOLDER, ignore=shutil.ignore_patterns("*.md"))
         write_random_weights(comfy, prompt)
-        for node in prompt.values():
-            if node["class_type"] == "EmptyLatentImage":
-                node["inputs"].update(width=SELF_CHECK_SIZE, height=SELF_CHECK_SIZE)
-            if "steps" in node["inputs"]:
-                node["inputs"]["steps"] = SELF_CHECK_STEPS
+        small_and_quick(prompt, SELF_CHECK_SIZE, SELF_CHECK_STEPS)
 
     image_nodes = [node for node in prompt.values() if node["class_type"] == "LoadImage"]
     if args.subject and len(args.subject) != len(image_nodes):

@@ -124,7 +124,6 @@ def nested_adapter_files(comfy, fastcomposer_models):
     return paths
 
 
-
 @pytest.fixture(scope="session")
 def official_sdxl_files(tmp_path_factory, fastcomposer_models):
     """[SDXL base checkpoint, official Nested Attention checkpoint], seeded random weights in published layouts, in

@@ -160,8 +160,9 @@ class Editor:
 
     def open_file(self, path: Path) -> None:
         self.errors.clear()
-        self.page.evaluate(OPEN_FILE, [path.read_text(), path.name])
-        self.wait_for_graph(json.loads(path.read_text()))
+        text = path.read_text()
+        self.page.evaluate(OPEN_FILE, [text, path.name])
+        self.wait_for_graph(json.loads(text))
 
     def wait_for_graph(self, workflow: dict) -> None:
         expected = sorted(node["id"] for node in workflow["nodes"])
@@ -303,6 +304,7 @@ def test_a_loader_too_narrow_for_its_file_name_is_caught(editor, tmp_path):
 
 def test_the_template_browser_shows_the_pack_cards_with_pictures_and_opens_them(editor):
     for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
         editor.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         editor.page.get_by_text(PACK_TEMPLATES, exact=True).first.click()
         cards = editor.page.locator("[data-testid^='template-workflow-']")
@@ -317,6 +319,6 @@ def test_the_template_browser_shows_the_pack_cards_with_pictures_and_opens_them(
             editor.screenshot("template_browser")
         editor.errors.clear()
         editor.page.locator(f"[data-testid='template-workflow-{path.stem}']").click()
-        editor.wait_for_graph(json.loads(path.read_text()))
+        editor.wait_for_graph(workflow)
         assert not editor.dialogs() and not editor.errors, f"{path.name}: {editor.dialogs()} {editor.errors}"
-        check_graph_as_saved(editor, json.loads(path.read_text()), path.name)
+        check_graph_as_saved(editor, workflow, path.name)

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from model_files import model_paths_config  # noqa: E402
 from synthetic_photos import synthetic_subject  # noqa: E402
 
+from subject_personalization.tools.comfy_headless import small_and_quick  # noqa: E402
 from subject_personalization.tools.comfy_server import running_server  # noqa: E402
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "nested_official_sdxl.json"
@@ -36,15 +37,6 @@ def server(tmp_path_factory, official_sdxl_files, clip_vision_h_file):
     with running_server(COMFYUI_PATH, tmp_path_factory.mktemp("official_sdxl"),
                         (*BF16, "--extra-model-paths-config", str(config)), http_timeout=120) as running:
         yield running
-
-
-def fast(prompt: dict) -> dict:
-    for node in prompt.values():
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=SIZE, height=SIZE)
-        if "steps" in node["inputs"]:
-            node["inputs"]["steps"] = STEPS
-    return prompt
 
 
 def render(server, prompt: dict) -> np.ndarray:
@@ -64,7 +56,7 @@ def test_the_workflow_names_the_sdxl_base_and_the_official_checkpoint(official_s
 
 
 def test_the_workflow_runs_on_sdxl_and_follows_the_subject(server, comfy):
-    prompt = fast(comfy.workflow_to_prompt(json.loads(WORKFLOW.read_text())))
+    prompt = small_and_quick(comfy.workflow_to_prompt(json.loads(WORKFLOW.read_text())), SIZE, STEPS)
     first = render(server, prompt)
     assert first.shape == (SIZE, SIZE, 3) and first.std() > 0
 

@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from synthetic_photos import synthetic_subject  # noqa: E402
 
+from subject_personalization.tools.comfy_headless import small_and_quick  # noqa: E402
+
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
@@ -30,9 +32,10 @@ MODEL_FILE_FIXTURES = {
     "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision_h_file",
     "ip-adapter-plus_sd15.safetensors": "ipadapter_plus_file",
     "ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
+    "sd_xl_base_1.0.safetensors": "official_sdxl_files",
+    "nested_attention_official_sdxl.safetensors": "official_sdxl_files",
 }
 # Run by test_official_sdxl_workflow.py instead, in a server in bf16: SDXL in float32 does not fit beside this session.
-SDXL_FILES = {"sd_xl_base_1.0.safetensors", "nested_attention_official_sdxl.safetensors"}
 SDXL_WORKFLOWS = {"nested_official_sdxl.json"}
 MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "NestedAttentionIPAdapterLoader",
                  "NestedAttentionOfficialLoader"}
@@ -40,16 +43,6 @@ MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoad
 
 def load(path):
     return json.loads(path.read_text())
-
-
-def fast(prompt):
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=FAST_SIZE, height=FAST_SIZE)
-        if "steps" in inputs:
-            inputs["steps"] = FAST_STEPS
-    return prompt
 
 
 def test_there_are_workflows():
@@ -79,7 +72,7 @@ def test_workflow_names_only_shipped_photos_and_public_model_files(path, comfy):
             assert (comfy.input_dir / folder / name).read_bytes() == (PACK_ROOT / "photos" / name).read_bytes()
         if node["class_type"] in MODEL_LOADERS:
             named = [value for value in node["inputs"].values() if isinstance(value, str) and "." in value]
-            assert named and all(name in MODEL_FILE_FIXTURES.keys() | SDXL_FILES for name in named), node
+            assert named and all(name in MODEL_FILE_FIXTURES for name in named), node
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -104,7 +97,7 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
 @pytest.mark.parametrize("path", [path for path in WORKFLOWS if path.name not in SDXL_WORKFLOWS],
                          ids=lambda path: path.name)
 def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
-    prompt = fast(comfy.workflow_to_prompt(load(path)))
+    prompt = small_and_quick(comfy.workflow_to_prompt(load(path)), FAST_SIZE, FAST_STEPS)
     for node in prompt.values():
         for value in node["inputs"].values():
             if isinstance(value, str) and value in MODEL_FILE_FIXTURES:
