@@ -193,9 +193,14 @@ def editor(tmp_path_factory, fastcomposer_file, sd15_checkpoint_file, clip_visio
     hold = base / "custom_nodes" / "hold_queue"
     hold.mkdir(parents=True)
     (hold / "__init__.py").write_text(HOLD_NODE)
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))  # a returning user: no first-run templates
+    # A returning user's files: no first-run template browser, and nothing the frontend asks for is missing (a new
+    # user's 404s come at times of the frontend's choosing, some after the first workflow is opened).
+    user = base / "user" / "default"
+    for folder in ("workflows", "subgraphs"):
+        (user / folder).mkdir(parents=True)
+    (user / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    (user / "comfy.templates.json").write_text("[]")
+    (user / "user.css").write_text("")
     config = model_paths_config(base / "extra_model_paths.yaml",
                                 [fastcomposer_file, sd15_checkpoint_file, clip_vision_file, clip_vision_h_file,
                                  ipadapter_plus_file, ipadapter_plus_face_file, *official_sdxl_files])
@@ -209,7 +214,7 @@ def editor(tmp_path_factory, fastcomposer_file, sd15_checkpoint_file, clip_visio
             page.goto(server.url)
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
                                    "window.app.extensionManager", timeout=LOAD_TIMEOUT)
-            page.wait_for_load_state("networkidle")  # the start-up's own requests (a new user's 404s) are over
+            page.wait_for_load_state("networkidle")  # the start-up's own requests are over
             held_prompt = server.queue({"1": {"class_type": "HoldQueue", "inputs": {}}}, "graph-editor-test")
             yield Editor(page, server, held_prompt, screenshots)
         finally:
