@@ -13,6 +13,7 @@ Images follow ComfyUI's layout: IMAGE (B, H, W, 3) floats in [0, 1], MASK (B, H,
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -65,6 +66,7 @@ class AttentionMapRecorder:
             if min(resolution) < 1:
                 raise ValueError(f"resolution must be two positive sizes (H, W), got {resolution}")
         self.resolution = resolution
+        self._lock = threading.Lock()  # a sampler that splits its batch over devices adds from one thread per device
         self.reset()
 
     def reset(self) -> None:
@@ -93,19 +95,20 @@ class AttentionMapRecorder:
             raise ValueError(
                 f"probabilities have N={tokens} image tokens but height*width={height}*{width}={height * width}; "
                 f"pass this layer's own h and w")
-        if self._rows is None:
-            self._rows, self._device = (batch, subjects), probs.device
-        elif self._rows != (batch, subjects):
-            raise ValueError(
-                f"probabilities of shape (B, S) = {(batch, subjects)} after earlier ones of {self._rows}; "
-                f"record one batch layout per recorder (reset() between runs)")
-        maps = probs.detach().to(self._device, torch.float32).reshape(batch, subjects, height, width)
-        key = (height, width)
-        if key in self._sums:
-            self._sums[key].add_(maps)
-        else:
-            self._sums[key] = maps.clone()
-        self._count += 1
+        with self._lock:
+            if self._rows is None:
+                self._rows, self._device = (batch, subjects), probs.device
+            elif self._rows != (batch, subjects):
+                raise ValueError(
+                    f"probabilities of shape (B, S) = {(batch, subjects)} after earlier ones of {self._rows}; "
+                    f"record one batch layout per recorder (reset() between runs)")
+            maps = probs.detach().to(self._device, torch.float32).reshape(batch, subjects, height, width)
+            key = (height, width)
+            if key in self._sums:
+                self._sums[key].add_(maps)
+            else:
+                self._sums[key] = maps.clone()
+            self._count += 1
 
     def output_size(self) -> tuple[int, int]:
         if self.resolution is not None:

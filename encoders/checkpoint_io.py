@@ -8,7 +8,6 @@ names the file, what is wrong and what to do (the caller says what to do: only i
 import json
 import math
 import re
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,11 +247,26 @@ def read_json(path: str | Path, fix: str = REPLACE_FILE) -> object:
 
 def read_toml(path: str | Path, fix: str = REPLACE_FILE) -> dict:
     """A TOML file's table; a syntax error is reported with its line and column."""
+    toml = _toml_parser(path)
     path, text = _read_text(path, fix)
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+        return toml.loads(text)
+    except toml.TOMLDecodeError as error:
         raise UnreadableFile(path, f"it is not valid TOML ({error})", fix) from None
+
+
+def _toml_parser(path: str | Path):
+    """Python's tomllib (3.11+), or on 3.10 the tomli package it was made from."""
+    try:
+        import tomllib  # novermin (3.11+; the fallback below serves 3.10)
+        return tomllib
+    except ImportError:
+        try:
+            import tomli
+            return tomli
+        except ImportError:
+            raise UnreadableFile(path, "this Python (3.10) has no TOML parser", "pip install tomli, or give the "
+                                 "config as JSON (the same keys)") from None
 
 
 def read_jsonl(path: str | Path, fix: str = REPLACE_FILE) -> list[tuple[int, object]]:

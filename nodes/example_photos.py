@@ -1,5 +1,6 @@
-"""The example workflows' subject photos (photos/, with their licences): copied into ComfyUI's input folder, under
-input/subject_personalization/, where Load Image finds them; a file already there is never overwritten."""
+"""The example workflows' subject photos (photos/, with their licences): copied into the top level of ComfyUI's input
+folder, the only place Load Image lists (and the graph editor checks a workflow's image against that list). Their names
+carry the pack's name, so they cannot collide with a user's files; a file already there is never overwritten."""
 import logging
 import shutil
 from pathlib import Path
@@ -7,11 +8,10 @@ from pathlib import Path
 import folder_paths
 
 PHOTOS = Path(__file__).resolve().parent.parent / "photos"
-INPUT_SUBFOLDER = "subject_personalization"
 
 
 def install_example_photos() -> None:
-    target = Path(folder_paths.get_input_directory()) / INPUT_SUBFOLDER
+    target = Path(folder_paths.get_input_directory())
     try:
         target.mkdir(parents=True, exist_ok=True)
         for photo in sorted(PHOTOS.glob("*.jpg")):

@@ -3,9 +3,9 @@ from dataclasses import replace
 
 import comfy.model_management
 import torch
+from comfy.clip_model import clip_preprocess
 
 from ..encoders.nested_adapter import CLIP_VISION
-from .host_compat import clip_preprocess
 from .input_checks import checked_inputs
 from .nested_adapter_nodes import CATEGORY, HIDDEN_STATE_INDEX
 from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask

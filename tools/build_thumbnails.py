@@ -37,7 +37,8 @@ def card(example) -> Image.Image:
     image = Image.new("RGB", (SIDE, SIDE), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, SIDE, 8), fill=METHOD_COLOURS[example.method])
-    draw.text((MARGIN, 26), example.method, font=font(40), fill=METHOD_COLOURS[example.method])
+    # at the top right: newer graph editors draw the card's kind ("Node graph") over its top left corner
+    draw.text((SIDE - MARGIN, 26), example.method, font=font(40), fill=METHOD_COLOURS[example.method], anchor="ra")
     y = 82
     for line in wrapped(draw, example.title, font(26), SIDE - 2 * MARGIN):
         draw.text((MARGIN, y), line, font=font(26), fill=INK)

@@ -11,7 +11,28 @@ from dataclasses import dataclass
 from typing import Callable
 
 NEGATIVE = "blurry, lowres, deformed, bad anatomy, watermark, text"
-PHOTOS = "subject_personalization"  # the input subfolder the pack copies photos/ into (nodes/example_photos.py)
+HF = "https://huggingface.co"
+# Each model file a workflow names: its folder under models/ and the public file, saved in the loader's
+# properties.models as ComfyUI's own templates do, so that the editor's Missing Models panel names the folder and
+# offers the download (it downloads only .safetensors-like files from huggingface.co: for the others it gives the link).
+MODEL_FILES = {
+    "pytorch_model.bin": ("fastcomposer", f"{HF}/mit-han-lab/fastcomposer/resolve/main/pytorch_model.bin"),
+    "v1-5-pruned-emaonly.safetensors":
+        ("checkpoints", f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"),
+    "sd_xl_base_1.0.safetensors":
+        ("checkpoints", f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    # IP-Adapter's image encoder, saved under the name the IP-Adapter packs give it
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors":
+        ("clip_vision", f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors"),
+    "ip-adapter-plus_sd15.safetensors":
+        ("ipadapter", f"{HF}/h94/IP-Adapter/resolve/main/models/ip-adapter-plus_sd15.safetensors"),
+    "ip-adapter-plus-face_sd15.safetensors":
+        ("ipadapter", f"{HF}/h94/IP-Adapter/resolve/main/models/ip-adapter-plus-face_sd15.safetensors"),
+    # The authors' demo checkpoint: its file name in their Space is not known here, so the link is the Space's file
+    # list, on the hf.co address, which the editor offers to copy but never downloads (it would save the page).
+    "nested_attention_official_sdxl.safetensors":
+        ("nested_attention", "https://hf.co/spaces/orpatashnik/NestedAttentionEncoder/tree/main"),
+}
 TITLE_BAR = 30  # the editor draws a node's title bar this far above its pos
 NODE_GAP = 40  # from a node's bottom to the next title bar: room for the pack badge the editor draws there
 COLUMN_GAP = 80  # room for the links between columns
@@ -56,6 +77,10 @@ class Graph:
                 "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
                 "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+        models = [{"name": value, "url": MODEL_FILES[value][1], "directory": MODEL_FILES[value][0]}
+                  for value in widgets if value in MODEL_FILES]
+        if models:
+            node["properties"]["models"] = models
         if title:
             node["title"] = title
         self.nodes.append(node)
@@ -116,7 +141,7 @@ def right_of(*nodes):
 
 
 def photo(g, word, file, width):
-    return g.node("LoadImage", (width, 340), [f"{PHOTOS}/{file}", "image"],
+    return g.node("LoadImage", (width, 340), [file, "image"],
                   outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"Photo: {word}")
 
 
@@ -152,7 +177,8 @@ def sample_and_save(g, x, settings, prefix, model, positive, negative, vae, patc
                              ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], title="Sampler")
     decode = g.node("VAEDecode", (420, 60), [], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")], title="Decode")
-    save = g.node("SaveImage", (420, 460), [prefix], inputs=[("images", "IMAGE")], title="Result")
+    save = g.node("SaveImage", (420, 460), [prefix], inputs=[("images", "IMAGE")], outputs=[("images", "IMAGE")],
+                  title="Result")
     column(x, TOP, *patches, latent, sampler)
     column(right_of(sampler), TOP, decode, save)
     g.group("Sampling", SAMPLING, *patches, latent, sampler, decode, save)
@@ -296,7 +322,8 @@ def two_subjects_with_masks(example):
     maps = g.node("SubjectAttentionMaps", (420, 130), [0.6, 0.5],
                   inputs=[("recording", "SUBJECT_ATTENTION"), ("image", "IMAGE")],
                   outputs=[("heatmap", "IMAGE"), ("masks", "MASK")], title="Attention maps")
-    preview = g.node("PreviewImage", (420, 460), [], inputs=[("images", "IMAGE")], title="Where each subject landed")
+    preview = g.node("PreviewImage", (420, 460), [], inputs=[("images", "IMAGE")], outputs=[("images", "IMAGE")],
+                     title="Where each subject landed")
     column(right_of(decode), TOP, maps, preview)
     g.group("Attention maps", MAPS, maps, preview)
     g.link(record, "recording", maps, "recording")
@@ -305,24 +332,26 @@ def two_subjects_with_masks(example):
     return g
 
 
+# The shipped photos (photos/, copied as they are named into ComfyUI's input folder by nodes/example_photos.py)
+CAMERAMAN, ASTRONAUT, CAT = (f"subject-personalization-{name}.jpg" for name in ("camera", "astronaut", "chelsea"))
 EXAMPLES = (
     Example("fastcomposer_single_subject", "FastComposer", "One subject in a new scene",
-            "a man <|image|> sitting in a cafe, photograph", (("man", "camera.jpg"),), fastcomposer),
+            "a man <|image|> sitting in a cafe, photograph", (("man", CAMERAMAN),), fastcomposer),
     Example("fastcomposer_two_subjects", "FastComposer", "Two subjects in one picture",
             "a man <|image|> and a woman <|image|> reading a book together",
-            (("man", "camera.jpg"), ("woman", "astronaut.jpg")), fastcomposer),
+            (("man", CAMERAMAN), ("woman", ASTRONAUT)), fastcomposer),
     Example("nested_ipadapter_single_subject", "Nested Attention", "One subject, IP-Adapter Plus Face weights",
-            "a photo of a woman hiking in the mountains, golden hour", (("woman", "astronaut.jpg"),),
+            "a photo of a woman hiking in the mountains, golden hour", (("woman", ASTRONAUT),),
             nested_attention, adapters=("ip-adapter-plus-face_sd15.safetensors",)),
     Example("nested_ipadapter_person_and_cat", "Nested Attention", "A woman and a cat, one IP-Adapter file each",
             "a photo of a woman sitting on a bench with a cat in a park",
-            (("woman", "astronaut.jpg"), ("cat", "chelsea.jpg")), nested_attention,
+            (("woman", ASTRONAUT), ("cat", CAT)), nested_attention,
             adapters=("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"), regions=True),
     Example("nested_official_sdxl", "Nested Attention", "One person, the authors' SDXL checkpoint",
-            "a photo of a person as a chef in a sunny kitchen", (("person", "astronaut.jpg"),), nested_attention,
+            "a photo of a person as a chef in a sunny kitchen", (("person", ASTRONAUT),), nested_attention,
             adapters=(OFFICIAL_SDXL_FILE,), checkpoint="sd_xl_base_1.0.safetensors", size=1024),
     Example("two_subjects_with_masks", "FastComposer", "Two subjects, one region each, attention maps",
-            "a man and a woman reading a book together", (("man", "camera.jpg"), ("woman", "astronaut.jpg")),
+            "a man and a woman reading a book together", (("man", CAMERAMAN), ("woman", ASTRONAUT)),
             two_subjects_with_masks),
 )
 

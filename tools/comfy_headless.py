@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -96,6 +97,22 @@ class HeadlessComfy(ComfyClient):
         self.folder_paths.set_output_directory(str(scratch / "output"))
         for folder in model_folders:
             self.folder_paths.add_model_folder_path(folder, str(scratch / "models" / folder), is_default=True)
+
+    def free_memory(self) -> None:
+        """Drop ComfyUI's cached node outputs and loaded models, as POST /free does for the graph editor, and wait until
+        its prompt worker has: it reads the request between prompts, so a prompt queued once the request was read
+        finishes after the memory was freed."""
+        self._serve()
+        self.post("/free", {"unload_models": True, "free_memory": True})
+        while self.server.prompt_queue.get_flags(reset=False):
+            time.sleep(0.02)
+        self.execute({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                      "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+
+    def pack_module(self, name: str):
+        """A module of the pack as ComfyUI loaded it (from custom_nodes, under its folder's name): e.g. "nodes.subjects"."""
+        root = self.nodes.NODE_CLASS_MAPPINGS[PACK_NODE].__module__.rsplit(".nodes.", 1)[0]
+        return importlib.import_module(f"{root}.{name}")
 
     def model_dir(self, folder_name: str) -> Path:
         path = Path(self.folder_paths.get_folder_paths(folder_name)[0])

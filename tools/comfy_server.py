@@ -27,7 +27,8 @@ class ComfyServer(ComfyClient):
             (base / folder).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
         self.base, self.log_path = base, base / "server.log"
-        command = [sys.executable, str(Path(comfyui_path) / "main.py"), "--cpu", "--listen", "127.0.0.1",
+        # Resolved: the server runs in its base folder, so a path relative to the caller's folder would not hold there.
+        command = [sys.executable, str(Path(comfyui_path).resolve() / "main.py"), "--cpu", "--listen", "127.0.0.1",
                    "--port", str(self.port), "--base-directory", str(base), "--disable-auto-launch",
                    "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}", *extra_args]
         with open(self.log_path, "wb") as log:

@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tools folder onl
 from comfy_headless import HeadlessComfy, small_and_quick  # noqa: E402
 
 SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
-PHOTOS = Path(__file__).resolve().parent.parent / "photos"
-PHOTOS_SUBFOLDER = "subject_personalization"  # where the pack copies photos/ in ComfyUI's input folder
 # Loader node -> (model folder, input naming the file)
 LOADERS = {"FastComposerLoader": ("fastcomposer", "checkpoint"), "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
            "CLIPVisionLoader": ("clip_vision", "clip_name"), "NestedAttentionIPAdapterLoader": ("ipadapter", "ipadapter"),
@@ -84,7 +82,7 @@ def run(comfy: HeadlessComfy, prompt: dict, args: argparse.Namespace, parser: ar
     if missing:
         print(f"SELF-CHECK on seeded random weights (not installed: {', '.join(missing)}); the image is noise by design")
         comfy.use_scratch_directories(scratch, tuple(LOADERS[loader][0] for loader in STAND_INS))
-        shutil.copytree(PHOTOS, comfy.input_dir / PHOTOS_SUBFOLDER, ignore=shutil.ignore_patterns("*.md"))
+        comfy.pack_module("nodes.example_photos").install_example_photos()  # into the scratch input folder
         write_random_weights(comfy, prompt)
         small_and_quick(prompt, SELF_CHECK_SIZE, SELF_CHECK_STEPS)
 

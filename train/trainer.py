@@ -51,13 +51,14 @@ def load_base_models(config: TrainConfig) -> BaseModels:
     first, and what ComfyUI makes of them after (None, or a model without its text encoder or VAE, for files it does
     not know)."""
     import comfy.clip_vision
-    import comfy.sd
+
+    from ..nodes.host_compat import load_checkpoint_resident
     check_model_file(config.checkpoint, CHECKPOINT_FIX)
     check_model_file(config.clip_vision, CLIP_VISION_FIX)
     clip_vision = comfy.clip_vision.load(config.clip_vision)  # first: the smaller file, refused before the big one loads
     if not isinstance(clip_vision, comfy.clip_vision.ClipVisionModel):
         raise UnreadableFile(config.clip_vision, "ComfyUI does not recognise it as a CLIP vision model", CLIP_VISION_FIX)
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(config.checkpoint, output_vae=True, output_clip=True)[:3]
+    model, clip, vae = load_checkpoint_resident(config.checkpoint)
     if clip is None or vae is None or vae.first_stage_model is None:
         raise UnreadableFile(config.checkpoint, "ComfyUI found a diffusion model in it but no text encoder or no VAE",
                              CHECKPOINT_FIX)

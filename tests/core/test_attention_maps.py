@@ -328,3 +328,17 @@ def test_heatmap_with_legend_stacks_under_image():
     assert out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="one word per subject"):
         render_heatmap_with_legend(image, maps, ["dog"])
+
+
+def test_adds_from_several_threads_are_all_counted():
+    """A sampler that splits its batch over devices (ComfyUI 0.33) records from one thread per device."""
+    import threading
+    recorder = AttentionMapRecorder()
+    probs = torch.full((1, 2, 16), 0.25)
+    threads = [threading.Thread(target=lambda: [recorder.add(probs, 4, 4) for _ in range(200)]) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert recorder.count == 1600
+    assert torch.equal(recorder.maps(), probs.reshape(1, 2, 4, 4)), "an add was lost"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
-from model_files import save_half
+from model_files import save_checkpoint, save_half
 from random_modules import randomise
 from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
@@ -27,9 +27,14 @@ _LIBC = ctypes.CDLL("libc.so.6")
 _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+_booted: list[HeadlessComfy] = []  # the session's ComfyUI, once a test asked for it
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_memory_after_each_module():
     yield
+    for comfy in _booted:  # what the module's prompts left in ComfyUI's caches
+        comfy.free_memory()
     gc.collect()
     _LIBC.malloc_trim(0)
 
@@ -37,8 +42,12 @@ def release_memory_after_each_module():
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> HeadlessComfy:
     comfyui_path = require_comfyui()
-    # ComfyUI keeps text and vision encoders in fp16 by default; fp32 makes the exactness tests meaningful.
-    return HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"), extra_args=("--fp32-text-enc", "--use-pytorch-cross-attention"))
+    # ComfyUI keeps text and vision encoders in fp16 by default; fp32 makes the exactness tests meaningful. The classic
+    # cache keeps the last prompt's outputs only: 0.33's default, the RAM-pressure cache, keeps models until RAM runs
+    # short, which it checks when a prompt runs, while this process also builds models between prompts.
+    _booted.append(HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"),
+                                 extra_args=("--fp32-text-enc", "--use-pytorch-cross-attention", "--cache-classic")))
+    return _booted[0]
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +71,9 @@ def node(comfy):
 
 @pytest.fixture(scope="session")
 def sd15_checkpoint_file(comfy, fastcomposer_models):
-    """An ordinary SD1.5 checkpoint (ComfyUI's layout, fp16 as many published files) with the same random weights."""
+    """An ordinary SD1.5 checkpoint with the same random weights, written by ComfyUI's own save_checkpoint (fp16)."""
     model, clip, vae = fastcomposer_models[:3]
-    path = comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors"
-    save_half(model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd()), path)
-    return path
+    return save_checkpoint(comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors", model, clip, vae)
 
 
 @pytest.fixture(scope="session")
@@ -129,10 +136,11 @@ def official_sdxl_files(tmp_path_factory, fastcomposer_models):
     """[SDXL base checkpoint, official Nested Attention checkpoint], seeded random weights in published layouts, in
     checkpoints/ and nested_attention/ folders of their own (only servers in bf16 load them: test_official_sdxl_workflow
     says why); removed at the end of the session, 7.7 GB.
-    - The base: ComfyUI's own SDXL UNet and text encoders (and the session's SD1.5 VAE, the same architecture), saved
-      the way ComfyUI saves a checkpoint, fp16 as released.
+    - The base: ComfyUI's own SDXL UNet and text encoders in fp16, as released (and the session's SD1.5 VAE, the same
+      architecture), written by ComfyUI's own save_checkpoint.
     - The official checkpoint: IP-Adapter Plus SDXL's tensors under diffusers module names, one of the layouts the
       import accepts: image_proj.<resampler key>, unet.<attn2 module>.processor.to_{k,v}_nest.weight."""
+    from comfy.model_patcher import ModelPatcher
     from ipadapter_files import ip_adapter_plus
     from sdxl_models import random_sdxl
     from subject_personalization.encoders.unet_layers import ip_adapter_layers, to_diffusers_name
@@ -142,7 +150,8 @@ def official_sdxl_files(tmp_path_factory, fastcomposer_models):
         path.parent.mkdir()
     try:
         unet, clip = random_sdxl(torch.float16, seed=20)
-        save_half(unet.state_dict_for_saving(clip.get_sd(), fastcomposer_models[2].get_sd()), base)
+        cpu = torch.device("cpu")
+        save_checkpoint(base, ModelPatcher(unet, load_device=cpu, offload_device=cpu), clip, fastcomposer_models[2])
         del unet, clip
         parts = ip_adapter_plus("sdxl", seed=21)
         state = {f"image_proj.{key}": tensor for key, tensor in parts["image_proj"].items()}

@@ -55,6 +55,7 @@ def test_the_workflow_names_the_sdxl_base_and_the_official_checkpoint(official_s
     assert values["EmptyLatentImage"][:2] == [1024, 1024]
 
 
+@pytest.mark.compat
 def test_the_workflow_runs_on_sdxl_and_follows_the_subject(server, comfy):
     prompt = small_and_quick(comfy.workflow_to_prompt(json.loads(WORKFLOW.read_text())), SIZE, STEPS)
     first = render(server, prompt)

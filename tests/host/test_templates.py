@@ -1,5 +1,5 @@
 """The pack's workflows in ComfyUI's template browser: listed under the pack's folder by /workflow_templates, each with
-the card picture the editor asks for beside it (/api/workflow_templates/<folder>/<name>.jpg, frontends 1.27 and 1.35),
+the card picture the editor asks for beside it (/api/workflow_templates/<folder>/<name>.jpg, frontends 1.35 to 1.58),
 served by the host's own routes."""
 import json
 import urllib.request

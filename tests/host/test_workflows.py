@@ -62,17 +62,27 @@ def test_the_workflows_are_what_tools_build_workflows_writes(tmp_path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
 def test_workflow_names_only_shipped_photos_and_public_model_files(path, comfy):
-    """Its photos ship with the pack and were copied into ComfyUI's input folder at start-up; every model file it
-    names is one a user can download (the names the tests' random stand-ins take)."""
-    prompt = comfy.workflow_to_prompt(load(path))
+    """Its photos ship with the pack and were copied into the top level of ComfyUI's input folder at start-up, where
+    Load Image lists them; every model file it names is one a user can download (the names the tests' random stand-ins
+    take), and its loader says where from and into which folder (properties.models, as ComfyUI's own templates do)."""
+    workflow = load(path)
+    prompt = comfy.workflow_to_prompt(workflow)
     for node in prompt.values():
         if node["class_type"] == "LoadImage":
-            folder, name = node["inputs"]["image"].split("/")
-            assert folder == "subject_personalization" and (PACK_ROOT / "photos" / name).is_file(), node["inputs"]
-            assert (comfy.input_dir / folder / name).read_bytes() == (PACK_ROOT / "photos" / name).read_bytes()
-        if node["class_type"] in MODEL_LOADERS:
-            named = [value for value in node["inputs"].values() if isinstance(value, str) and "." in value]
+            name = node["inputs"]["image"]
+            assert name.startswith("subject-personalization-") and (PACK_ROOT / "photos" / name).is_file(), name
+            assert (comfy.input_dir / name).read_bytes() == (PACK_ROOT / "photos" / name).read_bytes()
+            assert name in comfy.nodes.NODE_CLASS_MAPPINGS["LoadImage"].INPUT_TYPES()["required"]["image"][0]
+    for node in workflow["nodes"]:
+        if node["type"] in MODEL_LOADERS:
+            named = [value for value in node["widgets_values"] if isinstance(value, str) and "." in value]
             assert named and all(name in MODEL_FILE_FIXTURES for name in named), node
+            models = {model["name"]: model for model in node["properties"].get("models", [])}
+            assert sorted(models) == sorted(named), f"{path.name}: {node['type']} gives no download for {named}"
+            for model in models.values():
+                assert model["url"].startswith("https://") and model["url"].rstrip("/").split("/")[-1], model
+                # the folder the loader lists the file from: ComfyUI's, or one the pack registers
+                assert model["directory"] in comfy.folder_paths.folder_names_and_paths, model
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
@@ -94,6 +104,7 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
     assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("path", [path for path in WORKFLOWS if path.name not in SDXL_WORKFLOWS],
                          ids=lambda path: path.name)
 def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
@@ -132,15 +143,15 @@ def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, re
     assert not np.array_equal(run(), first), "a different subject image must change the result"
 
 
-def test_the_example_photos_never_overwrite_a_file_in_the_input_folder(comfy, node):
-    example_photos = sys.modules[type(node("AddSubject")).__module__.rsplit(".", 1)[0] + ".example_photos"]
-    photo = comfy.input_dir / example_photos.INPUT_SUBFOLDER / "chelsea.jpg"
+def test_the_example_photos_never_overwrite_a_file_in_the_input_folder(comfy):
+    example_photos = comfy.pack_module("nodes.example_photos")
+    photo = comfy.input_dir / "subject-personalization-chelsea.jpg"
     shipped = photo.read_bytes()
     try:
         photo.write_bytes(b"the user's own picture")
-        (comfy.input_dir / example_photos.INPUT_SUBFOLDER / "camera.jpg").unlink()
+        (comfy.input_dir / "subject-personalization-camera.jpg").unlink()
         example_photos.install_example_photos()
         assert photo.read_bytes() == b"the user's own picture"
-        assert (comfy.input_dir / example_photos.INPUT_SUBFOLDER / "camera.jpg").is_file()  # a missing one comes back
+        assert (comfy.input_dir / "subject-personalization-camera.jpg").is_file()  # a missing one comes back
     finally:
         photo.write_bytes(shipped)
