@@ -67,7 +67,6 @@ def extension(name: str, conditionings, node):
                           None)
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize("ways", [("cat", "recording"), ("cat", "cat at half strength")],
                          ids=["two different patches", "one patch extended two ways"])
 def test_branches_of_a_patched_model_leak_nothing_into_each_other(fastcomposer_models, conditionings, node, ways):

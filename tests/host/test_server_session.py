@@ -186,7 +186,10 @@ def session_server(base: Path, model_paths_config: Path):
     (base / "input").mkdir(parents=True)
     for photo, seed in PHOTOS.items():
         synthetic_subject(base / "input" / photo, seed)
-    return running_server(COMFYUI_PATH, base, ("--use-pytorch-cross-attention", "--fp32-text-enc",
+    # The classic cache (0.8.0's default) keeps the last prompt's nodes, so repeats reuse them: 0.33.0's default, the
+    # RAM-pressure cache, drops every node the running prompt does not use once free RAM is below the machine's total,
+    # and reloads the checkpoint for each prompt (the main job and the SDXL workflow's server run with that default).
+    return running_server(COMFYUI_PATH, base, ("--use-pytorch-cross-attention", "--fp32-text-enc", "--cache-classic",
                                                "--extra-model-paths-config", str(model_paths_config)),
                           boot_timeout=BOOT_TIMEOUT, http_timeout=HTTP_TIMEOUT, environment=RETURN_FREED_MEMORY)
 

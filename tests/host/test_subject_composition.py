@@ -89,7 +89,6 @@ def test_the_same_subject_list_drives_nested_attention(fastcomposer_models, nest
         node("NestedAttentionEncode").encode(clip, generic, prompt)
 
 
-@pytest.mark.compat
 def test_masks_restrict_each_subject_token_to_its_region_in_every_layer(fastcomposer_models, masked, node):
     """At the attention layers themselves: only the masked-out queries of cond rows change."""
     from comfy.ldm.modules.attention import optimized_attention
@@ -117,7 +116,6 @@ def test_masks_restrict_each_subject_token_to_its_region_in_every_layer(fastcomp
             assert not torch.allclose(out[0], plain[0], atol=1e-6)
 
 
-@pytest.mark.compat
 def test_a_mask_of_all_ones_changes_nothing_and_masks_change_the_output(fastcomposer_models, node, fastcomposer):
     model = fastcomposer_models[0]
     ones = torch.ones(1, 64, 64)
@@ -159,7 +157,6 @@ def test_a_subject_word_missing_from_the_prompt_is_refused(node, fastcomposer):
         fastcomposer("a man and a dog reading", subject_list(node, ("man", image(1), {}), ("woman", image(2), {})))
 
 
-@pytest.mark.compat
 def test_recorded_maps_are_per_subject_probabilities_in_their_regions(fastcomposer_models, masked, node):
     model = fastcomposer_models[0]
     patched = node("ApplySubjectMasks").apply(model, masked)[0]
@@ -194,7 +191,6 @@ def test_recorded_maps_are_per_subject_probabilities_in_their_regions(fastcompos
         node("SubjectAttentionMaps").draw(late, torch.rand(1, 64, 64, 3), 0.6, 0.5)
 
 
-@pytest.mark.compat
 def test_nested_attention_masks_and_recording_share_one_patch(fastcomposer_models, nested_adapter_files, node):
     """Record before or after Apply Nested Attention: the same output, the nested value kept, masks applied once."""
     model, clip, _, clip_vision, _ = fastcomposer_models
