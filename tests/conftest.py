@@ -33,6 +33,19 @@ def _note_host_skip(report) -> None:
         _host_skips.append(f"{report.nodeid}: {reason}")
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--compat", action="store_true",
+                     help="the compatibility subset for an older ComfyUI: the tests marked compat or browser, each "
+                          "workflow executed once (tests/pytest.ini)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("compat"):
+        kept = [item for item in items if item.get_closest_marker("compat") or item.get_closest_marker("browser")]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
 pytest_collectreport = _note_host_skip
 pytest_runtest_logreport = _note_host_skip
 

@@ -51,6 +51,12 @@ def comfy(tmp_path_factory) -> HeadlessComfy:
 
 
 @pytest.fixture(scope="session")
+def compat_run(request) -> bool:
+    """Whether this is the compatibility subset (--compat) for an older ComfyUI: workflows there execute once."""
+    return request.config.getoption("compat")
+
+
+@pytest.fixture(scope="session")
 def fastcomposer_file(comfy):
     """A random checkpoint in the official layout (light form: 0.7 GB, values repeat across layers), written once per
     session into models/fastcomposer. The exactness tests, whose claim needs every tensor its own draw, write theirs."""

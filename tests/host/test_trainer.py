@@ -58,6 +58,12 @@ def taught(world, fastcomposer_models):
     return folder, indices, dataclasses.replace(base, model=model)
 
 
+@pytest.fixture(scope="module")
+def vision_layer_encodings(tmp_path_factory) -> str:
+    """One encodings folder for the runs that fine-tune one CLIP vision layer: their cached hidden states are the same."""
+    return str(tmp_path_factory.mktemp("encodings_one_vision_layer"))
+
+
 def digest(module) -> str:
     hasher = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -294,7 +300,7 @@ def test_command_line_trains_validates_and_resumes_under_torchrun(world, tmp_pat
     assert steps == ["1", "2"]
 
 
-def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(world, tmp_path):
+def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(world, tmp_path, vision_layer_encodings):
     from subject_personalization.encoders.nested_adapter import load_nested_adapter
     from subject_personalization.encoders.vision_layers import run_vision_layers
     from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
@@ -313,7 +319,7 @@ def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(wor
 
     frozen = digest(base.clip_vision.model)
     config = training_config(folder, tmp_path, max_steps=4, checkpoint_every=4, train_vision_layers=1,
-                             vision_learning_rate=1e-3, encodings=str(tmp_path / "encodings"))
+                             vision_learning_rate=1e-3, encodings=vision_layer_encodings)
     trainer = Trainer(config, base)
     start = {key: value.clone() for key, value in trainer.adapter.vision_layers.state_dict().items()}
     trainer.fit()
@@ -381,7 +387,7 @@ def test_training_starts_from_an_ip_adapter_plus_file_or_an_adapter_file(world, 
     assert any(not torch.equal(saved[key], tensor) for key, tensor in loaded.state_dict().items())
 
 
-def test_a_warm_start_with_fine_tuned_vision_layers_starts_where_the_file_does(world, tmp_path):
+def test_a_warm_start_with_fine_tuned_vision_layers_starts_where_the_file_does(world, tmp_path, vision_layer_encodings):
     """train_vision_layers with an IP-Adapter file: copies of the base CLIP vision layers reproduce its hidden state,
     so the first step equals the file's up to float32 rounding (the copies run the same layers in another order)."""
     from subject_personalization.encoders.ipadapter_plus import load_ip_adapter_plus
@@ -390,7 +396,7 @@ def test_a_warm_start_with_fine_tuned_vision_layers_starts_where_the_file_does(w
     folder, _, base = world
     plus = tiny_ip_adapter_plus(base, tmp_path / "plus_tiny.bin")
     config = training_config(folder, tmp_path / "run", encoder={}, init_from=str(plus), train_vision_layers=1,
-                             encodings=str(tmp_path / "encodings"))
+                             encodings=vision_layer_encodings)
     trainer = Trainer(config, base)
     trainer.prepare()
     assert len(trainer.adapter.vision_layers) == 1

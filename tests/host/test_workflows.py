@@ -107,7 +107,7 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
 @pytest.mark.compat
 @pytest.mark.parametrize("path", [path for path in WORKFLOWS if path.name not in SDXL_WORKFLOWS],
                          ids=lambda path: path.name)
-def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, request):
+def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, compat_run, request):
     prompt = small_and_quick(comfy.workflow_to_prompt(load(path)), FAST_SIZE, FAST_STEPS)
     for node in prompt.values():
         for value in node["inputs"].values():
@@ -132,6 +132,8 @@ def test_workflow_runs_deterministically_and_follows_the_subject(path, comfy, re
 
     first = run()
     assert first.shape == (FAST_SIZE, FAST_SIZE, 3) and first.std() > 0
+    if compat_run:
+        return
     sampler["inputs"]["seed"] += 1
     other_seed = run()
     sampler["inputs"]["seed"] -= 1
