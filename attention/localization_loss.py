@@ -1,4 +1,4 @@
-"""FastComposer's balanced localisation loss on subject-token attention maps (METHODS.md §1).
+"""FastComposer's balanced localisation loss on subject-token attention maps (docs/methods.md §1.5).
 
 Per subject i with segmentation mask m_i over a layer's N image tokens and attention map a_i (the
 probability of the subject token, averaged over heads):

@@ -1,15 +1,15 @@
 """Cross-attention with subject tokens: query-dependent nested values, per-subject query masks and token weights.
 
 Inputs are a UNet cross-attention layer's projected q (B, N, H*d), k and v (B, T, H*d).
-Per head, for subjects i bound to key positions s_i (METHODS.md §2 and §3):
+Per head, for subjects i bound to key positions s_i (docs/methods.md §2.1 and §3):
 
     a_qj  = softmax_j(q.k_j / sqrt(d) + b_qj)         b_q,s_i = log(query_mask_i[q]) + log(w_i), 0 elsewhere
     v*_iq = softmax_m(q.K~_im / sqrt(d)) V~_im         nested attention over subject i's M tokens
     out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq - v_s_i)
 
-w_i is subject i's token weight (the official `special_token_weight`, METHODS.md §2.5): exp(b) multiplies s_i's
-unnormalised attention, so w_i scales s_i's attention before the row is renormalised; w_i = 1 and no mask build no
-bias at all.
+w_i is subject i's token weight, the pack's own reading of the authors' `special_token_weight` (docs/methods.md
+§2.5): exp(b) multiplies s_i's unnormalised attention, so w_i scales s_i's attention before the row is renormalised;
+w_i = 1 and no mask build no bias at all.
 
 Evaluation: sum_j a_qj v_j - lambda_i a_q,s_i v_s_i is plain attention with v_s_i scaled by
 (1 - lambda_i), so one SDPA call over values [(scaled) v | indicator of s_1..s_S | zero pad]

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (DTYPES, PROMPT_TOKENS, SUBJECT_POSITIONS, UNET_CONFIGS, HeadlessComfy,  # noqa: E402
-                                    build_unet, comfyui_path_from_env, markdown_table, register_pack, step_inputs,
-                                    synchronize, time_ms, unet_step)
+                                    add_machine_arguments, build_unet, chosen_device, interleaved_times, markdown_table,
+                                    register_pack, step_inputs, synchronize, time_ms, unet_step)
 
 NESTED_TOKENS = 16
 SUBJECT_COUNTS = (1, 2, 4)
@@ -122,11 +122,7 @@ def bench_layers(families, device, dtype, rounds: int) -> tuple[list[tuple], dic
                     if name != "unpatched" and torch.equal(call(), reference):
                         raise RuntimeError(f"{family} {block} {name}: the patched output equals the unpatched one")
                 names = list(calls)
-                times = {name: [] for name in names}
-                for round_number in range(rounds):
-                    shift = round_number % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        times[name].append(time_ms(calls[name], device))
+                times = interleaved_times(calls, rounds, device)
                 plain = statistics.median(times["unpatched"])
                 for name in names[1:]:
                     count = int(name.split()[0])
@@ -183,8 +179,7 @@ def bench_step_share(family: str, size: int, device, dtype, rounds: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=comfyui_path_from_env(), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    add_machine_arguments(parser)
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per layer shape (default 40)")
     parser.add_argument("--step-rounds", type=int, default=3, help="timed UNet steps for the share (default 3)")
@@ -192,12 +187,8 @@ def main() -> None:
                         help="families whose whole-step share is measured (default: GPU sd15 sdxl; CPU sd15: SDXL at "
                              "1024 needs minutes per step and 10 GB in fp32 there); none: give the flag alone")
     args = parser.parse_args()
-    if not args.comfyui:
-        parser.error("set COMFYUI_PATH or pass --comfyui")
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu")
-    device = torch.device(args.device)
+    device = chosen_device(parser, args)
+    on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")]
     step_families = args.step_families if args.step_families is not None else (["sd15", "sdxl"] if on_gpu else ["sd15"])
 

@@ -1,5 +1,5 @@
 """Nested Attention cost: UNet step time and peak memory without the patch and with 1, 2 and 4 subjects, side by
-side in one run, and the time to encode one subject (METHODS.md §2, "Cost model").
+side in one run, and the time to encode one subject (docs/methods.md §2.6, the cost model).
 
     python bench/bench_nested_attention.py --comfyui /path/to/ComfyUI                       # GPU: the issue's setting
     python bench/bench_nested_attention.py --comfyui /path/to/ComfyUI --device cpu --family sd15 --size 256 --dtype fp32
@@ -79,6 +79,33 @@ def time_ms(run: Callable[[], object], device: torch.device) -> float:
     run()
     synchronize(device)
     return (time.perf_counter() - start) * 1000
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Each call's time (ms) in every round, the order rotated round by round so that drift (heat, other load) is
+    spread evenly over the variants measured side by side."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for round_number in range(rounds):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_ms(calls[name], device))
+    return times
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--comfyui and --device, as every benchmark of the pack takes them."""
+    parser.add_argument("--comfyui", default=comfyui_path_from_env(), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+
+
+def chosen_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The device asked for, once --comfyui and --device are checked: what is missing stops the run, saying what to pass."""
+    if not args.comfyui:
+        parser.error("set COMFYUI_PATH or pass --comfyui")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    return torch.device(args.device)
 
 
 def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float:
@@ -201,11 +228,7 @@ def bench_unet(family: str, size: int, dtype: torch.dtype, device: torch.device,
     del reference, output
 
     names = list(steps)
-    times = {name: [] for name in names}
-    for round_number in range(rounds):
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(time_ms(steps[name], device))
+    times = interleaved_times(steps, rounds, device)
     peaks = {name: peak_memory_mib(steps[name], device) for name in names}
 
     plain_ms, plain_peak = statistics.median(times["unpatched"]), peaks["unpatched"]
@@ -253,22 +276,17 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=comfyui_path_from_env(), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    add_machine_arguments(parser)
     parser.add_argument("--family", choices=("sd15", "sdxl", "both"), default="both")
     parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 64 (default: GPU "
                         f"{GPU_SIZE['sd15']} for sd15 and {GPU_SIZE['sdxl']} for sdxl, CPU {CPU_SIZE})")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--rounds", type=int, help="timed rounds over all variants (default: GPU 30, CPU 5)")
     args = parser.parse_args()
-    if not args.comfyui:
-        parser.error("set COMFYUI_PATH or pass --comfyui")
     if args.size is not None and (args.size <= 0 or args.size % 64):
         parser.error("--size must be a positive multiple of 64")
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu")
-    device = torch.device(args.device)
+    device = chosen_device(parser, args)
+    on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")]
     rounds = args.rounds or (30 if on_gpu else 5)
     families = ("sd15", "sdxl") if args.family == "both" else (args.family,)

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (CLIP_VISION_TOKENS, CLIP_VISION_WIDTH, DTYPES, GPU_SIZE, HeadlessComfy,  # noqa: E402
-                                    build_unet, comfyui_path_from_env, markdown_table, peak_memory_mib, synchronize,
-                                    time_ms)
+                                    add_machine_arguments, build_unet, chosen_device, markdown_table, peak_memory_mib,
+                                    synchronize, time_ms)
 from pack_package import register_pack  # noqa: E402  (bench_nested_attention put tools/ on sys.path)
 
 PROMPT_TOKENS = 77
@@ -100,20 +100,15 @@ def largest_batch(patcher, family, folder, size, checkpointing, device, precisio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=comfyui_path_from_env(), help="the ComfyUI checkout (default: $COMFYUI_PATH)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    add_machine_arguments(parser)
     parser.add_argument("--family", choices=("sd15", "sdxl", "both"), default="both")
     parser.add_argument("--size", type=int, help="image side, a multiple of 64 (default: 512 sd15, 1024 sdxl; CPU 128)")
     parser.add_argument("--batch", type=int, default=1, help="CPU only: images per step (a GPU searches the largest)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16", help="autocast of the step")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default: GPU 10, CPU 2)")
     args = parser.parse_args()
-    if not args.comfyui:
-        parser.error("set COMFYUI_PATH or pass --comfyui")
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here; use --device cpu")
-    device = torch.device(args.device)
+    device = chosen_device(parser, args)
+    on_gpu = device.type == "cuda"
     weights = DTYPES["fp32" if args.precision == "no" else args.precision] if on_gpu else torch.float32
     steps = args.steps or (10 if on_gpu else 2)
     families = ("sd15", "sdxl") if args.family == "both" else (args.family,)

@@ -295,6 +295,11 @@ def read_image(path: str | Path, mode: str, fix: str = REPLACE_FILE) -> np.ndarr
         raise UnreadableFile(path, f"it is not a readable image ({error})", fix) from None
 
 
+def listed_keys(keys: Sequence[str], shown: int = 12) -> str:
+    """Keys for a message: the first `shown` in order, then how many more."""
+    return f"{', '.join(sorted(keys)[:shown])}{f' and {len(keys) - shown} more' if len(keys) > shown else ''}"
+
+
 def numbered_children(shapes: Mapping[str, tuple[int, ...]], prefix: str, template: Mapping[str, tuple[int, ...]]) -> int:
     """How many sub-modules `<prefix>0.`, `<prefix>1.`, ... the state-dict shapes hold, each with exactly the
     template's tensors and shapes (so each one counted is backed by the file's bytes); ValueError naming a gap in the

@@ -1,6 +1,6 @@
 """The official FastComposer checkpoint: its layout, its split into standard parts, and a safetensors copy.
 
-The released `pytorch_model.bin` is the state dict of the whole training module (METHODS.md §1). This
+The released `pytorch_model.bin` is the state dict of the whole training module (docs/methods.md §1). This
 module only renames keys into the layouts ComfyUI's own loaders read (diffusers UNet and VAE, HF CLIP
 text and vision towers); it copies no tensor.
 

@@ -1,6 +1,6 @@
 """FastComposer's "postfuse" module: subject image embeddings fused into subject-word text states.
 
-For every marked token with text state t and subject embedding e (METHODS.md §1):
+For every marked token with text state t and subject embedding e (docs/methods.md §1.3):
     h  = MLP1([t, e]) + t
     h  = MLP2(h) + h
     t' = LayerNorm(h)

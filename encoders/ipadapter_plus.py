@@ -1,4 +1,4 @@
-"""IP-Adapter Plus files as Nested Attention adapters (METHODS.md §2.5).
+"""IP-Adapter Plus files as Nested Attention adapters (docs/methods.md §2.5).
 
 IP-Adapter Plus (Ye et al., 2023; tencent-ailab/IP-Adapter, files ip-adapter-plus_sd15, ip-adapter-plus-face_sd15,
 ip-adapter-plus_sdxl_vit-h, ip-adapter-plus-face_sdxl_vit-h) is built from a nested adapter's parts: a resampler of
@@ -50,7 +50,7 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint_io import UnreadableFile, read_state_dict
+from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict
 from .nested_adapter import CLIP_VISION, TEXT_ENCODER_WIDTHS, NestedAdapter, assembled_adapter, placeholder_state
 from .subject_resampler import ResamplerConfig
 from .unet_layers import CONTEXT_WIDTH, ip_adapter_layers, layers_with_widths
@@ -58,7 +58,8 @@ from .unet_layers import CONTEXT_WIDTH, ip_adapter_layers, layers_with_widths
 IP_HEAD_SIZE = 64  # IP-Adapter's dim_head in every published resampler; diffusers' loader assumes it too
 IP_ADAPTER_FIX = ("use an IP-Adapter Plus file (ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, "
                   "ip-adapter-plus_sdxl_vit-h or ip-adapter-plus-face_sdxl_vit-h from h94/IP-Adapter, .safetensors or "
-                  ".bin), downloaded again if it is damaged")
+                  ".bin)")
+READ_FIX = f"{IP_ADAPTER_FIX}, downloaded again if it is damaged"  # the file could not be read at all
 VARIANT_REFUSALS = {  # an image_proj key that identifies a variant -> why it is not a nested adapter
     "proj.weight": "it is a plain IP-Adapter (image_proj.proj + image_proj.norm, as ip-adapter_sd15, ip-adapter_sdxl): "
                    "its 4 tokens are one linear map of CLIP's pooled image embedding, not of CLIP's hidden states, so "
@@ -134,10 +135,6 @@ def _refused_variant(keys: list[str]) -> str | None:
     return None
 
 
-def _shown(keys: list[str]) -> str:
-    return f"{', '.join(sorted(keys)[:12])}{f' and {len(keys) - 12} more' if len(keys) > 12 else ''}"
-
-
 def nested_adapter_from_ip_adapter(state_dict: Mapping[str, torch.Tensor], initializer_word: str,
                                    initializer_embeddings: dict[str, torch.Tensor], subject_domain: str = "other",
                                    placeholder_word: str = "<subject>", provenance: dict | None = None) -> NestedAdapter:
@@ -152,7 +149,7 @@ def nested_adapter_from_ip_adapter(state_dict: Mapping[str, torch.Tensor], initi
         raise ValueError(refusal)
     if "image_proj.latents" not in state_dict:
         raise ValueError(f"it is no IP-Adapter Plus file: it has no image_proj.latents (the resampler's queries); "
-                         f"found {len(keys)} tensors: {_shown(keys)}")
+                         f"found {len(keys)} tensors: {listed_keys(keys)}")
     renamed, maps, unknown = {}, {}, []
     for key, tensor in state_dict.items():
         group, _, name = key.partition(".")
@@ -165,7 +162,7 @@ def nested_adapter_from_ip_adapter(state_dict: Mapping[str, torch.Tensor], initi
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} keys are not IP-Adapter Plus weights: {_shown(unknown)}")
+        raise ValueError(f"{len(unknown)} keys are not IP-Adapter Plus weights: {listed_keys(unknown)}")
     numbers = sorted({number for number, _ in maps})
     family = next((family for family in CONTEXT_WIDTH if sorted(ip_adapter_layers(family)) == numbers), None)
     if family is None:
@@ -209,7 +206,7 @@ def load_ip_adapter_plus(path: str | Path, initializer_word: str, initializer_em
     after the file; every refusal of the file is an UnreadableFile naming the file, the problem and the fix, and
     embeddings for another family's text encoders a WrongTextEncoders naming the file."""
     path = Path(path)
-    state_dict = read_state_dict(path, IP_ADAPTER_FIX, grouped=True)
+    state_dict = read_state_dict(path, READ_FIX, grouped=True)
     try:
         adapter = nested_adapter_from_ip_adapter(state_dict, initializer_word, initializer_embeddings, subject_domain,
                                                  placeholder_word, {"source": path.name, "form": path.suffix})

@@ -1,4 +1,5 @@
-"""Per cross-attention layer, the nested key/value maps A_k, A_v: subject tokens (D) -> that layer's K~, V~ (METHODS.md §2)."""
+"""Per cross-attention layer, the nested key/value maps A_k, A_v: subject tokens (D) -> that layer's K~, V~
+(docs/methods.md §2.1)."""
 import torch
 from torch import nn
 

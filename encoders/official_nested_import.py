@@ -1,13 +1,15 @@
 """Import the official Nested Attention demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder, SDXL) into this
-pack's adapter format, from the file in one step, or once on the command line (run from the pack's folder):
+pack's adapter format, under an ASSUMED layout, from the file in one step, or once on the command line (run from the
+pack's folder):
 
     python -m encoders.official_nested_import SOURCE [DEST.safetensors] --base SDXL_CHECKPOINT [--initializer-word person]
 
-What was verified, and what is assumed. The Space's files (nested_attention_processor.py, nested_attention_pipeline.py,
-resampler.py) were NOT available to read when this was written; nothing here is checked against the real file.
-Known (METHODS.md §2): SDXL base; a module called a resampler; a placeholder token added to both SDXL text encoders
-with its embedding copied from an initializer word (so the embedding need not be stored: the caller supplies it, or
-the command line reads it from the SDXL checkpoint). Accepted layouts, every plausible one, as one state dict:
+What was verified, and what is assumed (docs/official_import.md). The Space's files (nested_attention_processor.py,
+nested_attention_pipeline.py, resampler.py) were NOT available to read when this was written; the layouts below are
+the pack's assumption and nothing here is checked against the real file. Known: SDXL base; a module called a
+resampler; a placeholder token added to both SDXL text encoders with its embedding copied from an initializer word (so
+the embedding need not be stored: the caller supplies it, or the command line reads it from the SDXL checkpoint).
+Accepted layouts, every plausible one, as one state dict:
   - a .safetensors with flat keys, or a weights-only pickle that is a flat dict or a dict of dicts of tensors
     ({"image_proj": {...}, "ip_adapter": {...}} is read as image_proj.<key>, ip_adapter.<key>);
   - the resampler in IP-Adapter's naming (ipadapter_plus.py lists it), under whatever prefix precedes `latents`,
@@ -19,18 +21,26 @@ the command line reads it from the SDXL checkpoint). Accepted layouts, every pla
 Every layer width and resampler size comes from the tensors. Any other key is refused with the list of such keys.
 """
 import argparse
+import os
 import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint_io import UnreadableFile, flat_state_dict, read_safetensors, read_state_dict
+from .checkpoint_io import UnreadableFile, flat_state_dict, listed_keys, read_safetensors, read_state_dict
 from .ipadapter_plus import ip_resampler_config, resampler_key
 from .nested_adapter import NestedAdapter, assembled_adapter, placeholder_state, save_nested_adapter
 from .unet_layers import from_diffusers_name, ip_adapter_layers, layer_key, layers_with_widths
 
 IMPORT_FIX = ("give the official demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder), copied or downloaded "
               "again if it was damaged")
+# A file that reads fine but fits no layout is most likely intact: the layouts are the pack's assumption.
+LAYOUT_FIX = ("the layouts this import accepts are assumed (listed in encoders/official_nested_import.py): the authors' "
+              "file has not been checked against them; if this file is their demo checkpoint, it is not damaged, its "
+              "layout is new to the pack: report the keys above in the pack's issues")
+EXPECTED_LAYOUT = ("a resampler in IP-Adapter's naming (latents, proj_in, layers.<i>, proj_out, norm_out) and, per "
+                   "attn2 layer, to_k_nest and to_v_nest weights (or _nested, _ip) named by diffusers module or "
+                   "IP-Adapter number")
 BASE_FIX = "give the SDXL base checkpoint (.safetensors) the adapter is for, as ComfyUI's Load Checkpoint reads it"
 SDXL_TOKEN_EMBEDDINGS = {  # text encoder -> its input embedding table in an SDXL checkpoint
     "l": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
@@ -76,15 +86,15 @@ def import_official_nested(state_dict: dict, initializer_word: str, initializer_
                            subject_domain: str = "person", placeholder_word: str = "<person>",
                            special_token_weight: float = 1.0) -> NestedAdapter:
     """Build a NestedAdapter (sdxl) from the official checkpoint's tensors (a flat dict, or a dict of dicts of tensors),
-    in any layout the module docstring lists; every size is read from the tensors (depth from the blocks present, each
-    layer's width from its maps) and every tensor's shape is checked before loading; dtypes are kept.
+    in any of the assumed layouts the module docstring lists; every size is read from the tensors (depth from the
+    blocks present, each layer's width from its maps) and every tensor's shape is checked before loading; dtypes are
+    kept.
     `initializer_embeddings`: the initializer word's input embedding in the "l" (768) and "g" (1280) text encoders
     (the demo copies it into the new token at load time, so the checkpoint is not expected to hold it)."""
     renamed, unknown = _rename(flat_state_dict(state_dict, grouped=True))
     if unknown:
         raise ValueError(f"{len(unknown)} keys fit no layout the official import accepts (see "
-                         f"encoders/official_nested_import.py): {', '.join(sorted(unknown)[:12])}"
-                         f"{f' and {len(unknown) - 12} more' if len(unknown) > 12 else ''}")
+                         f"encoders/official_nested_import.py): {listed_keys(unknown)}; expected {EXPECTED_LAYOUT}")
     encoder = ip_resampler_config(renamed)
     widths = {key.split(".")[2]: tensor.shape[0] for key, tensor in renamed.items()
               if key.startswith("projections.maps.") and key.endswith(".to_k.weight") and tensor.ndim == 2}
@@ -105,17 +115,20 @@ def import_official_nested_file(path: str | Path, initializer_word: str, initial
     try:
         adapter = import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
     except ValueError as error:  # the one place the import's structural problems get the file's name and the fix
-        raise UnreadableFile(path, str(error), IMPORT_FIX) from None
+        raise UnreadableFile(path, str(error), LAYOUT_FIX) from None
     adapter.name = path.stem
     adapter.provenance["source_file"] = path.name
     return adapter
 
 
-def sdxl_word_embeddings(checkpoint: str | Path, word: str, tokenizer_folder: str | Path) -> dict[str, torch.Tensor]:
+def sdxl_word_embeddings(checkpoint: str | Path, word: str,
+                         tokenizer_folder: str | Path | None) -> dict[str, torch.Tensor]:
     """A single-token word's input embedding in both text encoders of an SDXL checkpoint: {"l": (768,), "g": (1280,)},
     float32. The word is tokenized as ComfyUI does, with transformers' CLIPTokenizer on ComfyUI's sd1_tokenizer
     folder (both SDXL text encoders share that vocabulary)."""
     from transformers import CLIPTokenizer  # ComfyUI's own tokenizer library; only this command line needs it
+    if tokenizer_folder is None:
+        raise ValueError("no ComfyUI was found above the pack: give ComfyUI's comfy/sd1_tokenizer folder with --tokenizer")
     if not all((Path(tokenizer_folder) / name).is_file() for name in ("vocab.json", "merges.txt")):
         raise ValueError(f"{tokenizer_folder} holds no CLIP tokenizer (vocab.json, merges.txt): give ComfyUI's "
                          f"comfy/sd1_tokenizer folder with --tokenizer")
@@ -131,8 +144,18 @@ def sdxl_word_embeddings(checkpoint: str | Path, word: str, tokenizer_folder: st
     return {name: tables[key][ids[0]].float() for name, key in SDXL_TOKEN_EMBEDDINGS.items()}
 
 
+def comfyui_tokenizer_folder() -> Path | None:
+    """ComfyUI's comfy/sd1_tokenizer above the pack as the user reached it: first the shell's working directory as it
+    was typed (a pack linked into custom_nodes resolves to its clone, outside ComfyUI), then this file's own path."""
+    starts = [Path(os.environ["PWD"])] if os.environ.get("PWD") else []
+    for start in (*starts, Path(__file__).absolute().parent):
+        for folder in (start, *start.parents):
+            if (folder / "comfy" / "sd1_tokenizer" / "vocab.json").is_file():
+                return folder / "comfy" / "sd1_tokenizer"
+    return None
+
+
 def main() -> None:
-    comfyui = Path(__file__).resolve().parents[3]  # <ComfyUI>/custom_nodes/<pack>/encoders/this file
     parser = argparse.ArgumentParser(description="Convert the official Nested Attention demo checkpoint (SDXL) into "
                                                  "this pack's adapter format (models/nested_attention).")
     parser.add_argument("source", help="the official checkpoint (.safetensors, or a PyTorch pickle read weights-only)")
@@ -142,8 +165,9 @@ def main() -> None:
     parser.add_argument("--initializer-word", default="person", help="the word the subject token was copied from")
     parser.add_argument("--subject-domain", default="person")
     parser.add_argument("--placeholder-word", default="<person>")
-    parser.add_argument("--tokenizer", default=str(comfyui / "comfy" / "sd1_tokenizer"),
-                        help="ComfyUI's CLIP tokenizer folder (default: the one of the ComfyUI this pack is in)")
+    parser.add_argument("--tokenizer", default=comfyui_tokenizer_folder(),
+                        help="ComfyUI's CLIP tokenizer folder, comfy/sd1_tokenizer (default: the one of the ComfyUI "
+                             "this pack is in, %(default)s)")
     args = parser.parse_args()
     source = Path(args.source)
     destination = Path(args.destination or source.with_name(f"{source.stem}_nested_attention.safetensors"))

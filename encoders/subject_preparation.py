@@ -203,7 +203,7 @@ def prepare_with_mask(
     """Per image: background replaced, cropped to the (expanded) mask box, resized -> (images, masks).
 
     Default background black: FastComposer was trained on subjects on a plain background, and black
-    is the fill its own preprocessing pads with (METHODS.md: pad with fill 0).
+    is the fill its own preprocessing pads with (docs/methods.md §1.1: pad with fill 0).
     The returned masks are the crops of the input masks (padding counts as background).
     """
     image, mask = _as_image_batch(image), _as_mask_batch(mask)

@@ -1,4 +1,4 @@
-"""The subject encoder: M learned queries resample CLIP vision tokens into M subject tokens (METHODS.md §2).
+"""The subject encoder: M learned queries resample CLIP vision tokens into M subject tokens (docs/methods.md §2.2).
 
 Input: the patch tokens of ComfyUI's CLIP_VISION output (ViT-L/14: (B, 257, 1024), ViT-H/14: (B, 257, 1280)),
 optionally several reference images of one subject, (B, n_images, 257, W). The computation, per image:

@@ -3,10 +3,11 @@ import torch
 
 from ..attention.attention_maps import maps_to_masks, render_heatmap_with_legend
 from .input_checks import checked_inputs
+from .naming import COMPOSITION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .schedule_range import schedule_range_inputs
 from .subject_patch import AttentionRecording, PatchedSubject, add_subject_patch
-from .subjects import CATEGORY as PACK_CATEGORY, bindings_of
+from .subjects import bindings_of
 
-CATEGORY = f"{PACK_CATEGORY}/composition"
 
 LAYER_BLOCKS = {"all": frozenset({"input", "middle", "output"}), "input (down)": frozenset({"input"}),
                 "middle": frozenset({"middle"}), "output (up)": frozenset({"output"})}
@@ -21,6 +22,7 @@ class RecordSubjectAttention:
                    "part of the schedule. Connect its MODEL to the sampler and its recording to 'Subject Attention "
                    "Maps'. Without this node nothing is recorded and nothing costs extra.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "attention map", "debug"]
     FUNCTION = "record"
     RETURN_TYPES = ("MODEL", "SUBJECT_ATTENTION")
     RETURN_NAMES = ("model", "recording")
@@ -33,12 +35,7 @@ class RecordSubjectAttention:
             "model": ("MODEL", {"tooltip": "The model you sample with (patched or not); it is cloned, never changed."}),
             "positive": ("CONDITIONING", {"tooltip": "The subject encode node's output (also the sampler's positive)."}),
             "layers": (list(LAYER_BLOCKS), {"default": "all", "tooltip": "Which UNet blocks' cross-attention to average."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Record from this point of the schedule, 0 to 1 (0 = the first "
-                                                   "step)."}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Record until this point of the schedule, 0 to 1 (1 = the last "
-                                                 "step); above start_percent."}),
+            **schedule_range_inputs("recording starts", "recording stops"),
         }}
 
     @checked_inputs(("start_percent", "end_percent"))
@@ -59,6 +56,7 @@ class SubjectAttentionMaps:
                    "subject with its word in a legend, and outputs one MASK per subject (image-major: image 1's "
                    "subjects, then image 2's), ready to feed back as regional masks.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "attention map", "heatmap", "debug"]
     FUNCTION = "draw"
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("heatmap", "masks")

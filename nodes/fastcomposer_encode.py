@@ -7,8 +7,8 @@ from ..encoders.fastcomposer_fusion import FastComposerFusion
 from ..encoders.fastcomposer_preprocess import preprocess_subject_images
 from ..encoders.subject_prompt import (SUBJECT_MARKER, mark_subject_words, prompt_with_sentinels, remove_sentinels,
                                        split_subject_words)
-from .fastcomposer_loader import CATEGORY
 from .input_checks import checked_inputs
+from .naming import FASTCOMPOSER_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 from .subjects import BINDINGS_KEY, Subject
 
 MAX_SUBJECTS = 4
@@ -102,6 +102,7 @@ class FastComposerEncode:
                    "masks act through 'Apply Subject Masks'. Use it as the positive conditioning; encode the negative "
                    "prompt with an ordinary CLIP Text Encode.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "fastcomposer", "prompt", "text encode", "multi-subject"]
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("positive",)

@@ -9,8 +9,8 @@ import folder_paths
 from ..encoders.checkpoint_io import UnreadableFile, read_state_dict
 from ..encoders.fastcomposer_checkpoint import FASTCOMPOSER_FIX, split_fastcomposer
 from ..encoders.fastcomposer_fusion import FastComposerFusion
+from .naming import FASTCOMPOSER_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 
-CATEGORY = "subject personalization/FastComposer"
 
 
 def load_fastcomposer(path: str):
@@ -56,6 +56,7 @@ class FastComposerLoader:
                    "models/fastcomposer. Gives the fine-tuned SD1.5 UNet, text encoder, VAE and CLIP vision tower as "
                    "ordinary ComfyUI models, and the fusion module for 'FastComposer Encode'.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "fastcomposer", "loader", "multi-subject"]
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "CLIP_VISION", "FASTCOMPOSER")
     RETURN_NAMES = ("model", "clip", "vae", "clip_vision", "fastcomposer")

@@ -1,5 +1,5 @@
 """Load a Nested Attention adapter, or create a fresh one for a base model (the trainer's starting point)."""
-import os
+from pathlib import Path
 
 import torch
 
@@ -8,11 +8,10 @@ import folder_paths
 from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, new_nested_adapter, save_nested_adapter
 from .base_model import attn2_weights, clip_tokenizers, model_cross_attention_layers, model_family
 from .input_checks import checked_inputs
-from .subjects import CATEGORY as PACK_CATEGORY
+from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 
 HIDDEN_STATE_INDEX = {"penultimate": -2, "last": -1}  # as ComfyUI's CLIP encoder counts intermediate outputs
 
-CATEGORY = f"{PACK_CATEGORY}/Nested Attention"
 VISION_MODELS = {"ViT-L/14": 1024, "ViT-H/14": 1280}
 DOMAINS = ["person", "pet", "object", "other"]
 
@@ -68,6 +67,7 @@ class NestedAttentionLoader:
     DESCRIPTION = ("Loads a Nested Attention adapter (.safetensors in models/nested_attention): the subject encoder, "
                    "the per-layer nested key/value maps and the subject token, for one base family and domain.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "adapter", "loader"]
     FUNCTION = "load"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
@@ -88,6 +88,7 @@ class NestedAttentionNewAdapter:
                    "models/nested_attention. It starts as close to the base model as possible (the subject token "
                    "behaves like the initializer word): the starting point for training, and a self-check.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "new adapter", "train"]
     FUNCTION = "create"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
@@ -106,17 +107,36 @@ class NestedAttentionNewAdapter:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                              "tooltip": "Seed of the random initialisation, 0 to 2147483647: the same seed, MODEL and "
                                         "CLIP give the same adapter."}),
-            "filename": ("STRING", {"default": "nested_new_adapter", "tooltip": "Saved as models/nested_attention/<filename>.safetensors."}),
+            "filename": ("STRING", {"default": "nested_new_adapter",
+                                    "tooltip": "Saved as models/nested_attention/<filename>.safetensors: a plain name, "
+                                               "no folders."}),
+            "overwrite": ("BOOLEAN", {"default": False,
+                                      "tooltip": "Replace a file of that name. Off: a name that is taken stops the "
+                                                 "node, and the file stays as it is."}),
         }}
 
     @checked_inputs()
-    def create(self, model, clip, initializer_word, subject_domain, vision_model, seed, filename):
+    def create(self, model, clip, initializer_word, subject_domain, vision_model, seed, filename, overwrite=False):
+        path = new_adapter_path(folder_paths.get_folder_paths("nested_attention")[0], filename, overwrite)
         adapter = fresh_adapter(model, clip, initializer_word.strip(), vision_model, subject_domain, seed)
-        folder = folder_paths.get_folder_paths("nested_attention")[0]
-        os.makedirs(folder, exist_ok=True)
-        save_nested_adapter(os.path.join(folder, f"{filename}.safetensors"), adapter)
-        adapter.name = filename
+        save_nested_adapter(path, adapter)
+        adapter.name = Path(path).stem
         return (adapter.eval().requires_grad_(False),)
+
+
+def new_adapter_path(folder: str, filename: str, overwrite: bool) -> str:
+    """<folder>/<filename>.safetensors, refused before anything is made if the name would leave the folder or, unless
+    `overwrite`, is taken."""
+    name = filename.strip().removesuffix(".safetensors")
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"filename {filename!r} is not a plain file name: the adapter is saved in {folder}; give a "
+                         f"name without folders, such as 'my_subject_adapter'")
+    path = Path(folder) / f"{name}.safetensors"
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists and overwrite is off: choose another filename, or turn overwrite on to "
+                         f"replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 NODE_CLASS_MAPPINGS = {"NestedAttentionLoader": NestedAttentionLoader, "NestedAttentionNewAdapter": NestedAttentionNewAdapter}

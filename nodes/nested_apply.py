@@ -5,7 +5,8 @@ from ..encoders.nested_adapter import check_compatible, check_layers
 from ..encoders.unet_layers import CONTEXT_WIDTH
 from .base_model import model_cross_attention_layers, model_family
 from .input_checks import checked_inputs
-from .nested_adapter_nodes import CATEGORY
+from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .schedule_range import schedule_range_inputs
 from .subject_patch import PatchedSubject, add_subject_patch
 from .subjects import bindings_of
 
@@ -23,7 +24,7 @@ def patched_subjects(model, conditioning, strength: float, start_percent: float,
             nested = {key: (keys[0], values[0]) for key, (keys, values)
                       in subject.adapter.projections.project(subject.tokens.to(next(subject.adapter.parameters()))).items()}
         start, end = max(start_percent, subject.start_percent), min(end_percent, subject.end_percent)
-        token_weight = subject.token_weight or subject.adapter.special_token_weight  # 0: the adapter's own weight
+        token_weight = subject.adapter.special_token_weight if subject.token_weight is None else subject.token_weight
         subjects.append(PatchedSubject(signature, subject, strength * subject.weight, sampling.percent_to_sigma(start),
                                        sampling.percent_to_sigma(end), nested, subject.mask, token_weight))
     if not subjects:
@@ -38,6 +39,7 @@ class ApplyNestedAttention:
                    "restricts where its word and nested value act. The negative prompt is never changed; strength 0 "
                    "without masks gives the unpatched model.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "ip-adapter", "ipadapter", "face"]
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
@@ -53,12 +55,8 @@ class ApplyNestedAttention:
                                    "tooltip": "How far each subject's nested value replaces its word's value, 0 to 2: "
                                               "0 gives the base model, 1 replaces it, above 1 extrapolates. Each "
                                               "subject's weight multiplies it."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Where in the schedule the subjects start acting, 0 to 1 (0 = the "
-                                                   "first step); each subject's own range applies too."}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Where in the schedule the subjects stop acting, 0 to 1 (1 = the last "
-                                                 "step); above start_percent."}),
+            **schedule_range_inputs("the subjects start acting (each subject's own range applies too)",
+                                    "the subjects stop acting"),
         }}
 
     @checked_inputs(("start_percent", "end_percent"))

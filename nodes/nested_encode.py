@@ -5,7 +5,7 @@ import torch
 
 from ..encoders.subject_prompt import mark_subject_words, prompt_with_sentinels, remove_sentinels
 from .base_model import clip_tokenizers
-from .nested_adapter_nodes import CATEGORY
+from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 from .nested_subject import encode_subject_tokens
 from .subjects import BINDINGS_KEY
 
@@ -60,6 +60,7 @@ class NestedAttentionEncode:
                    "both to 'Apply Nested Attention' and to the sampler's positive input. Encode the negative prompt "
                    "with an ordinary CLIP Text Encode.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "prompt", "text encode"]
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("positive",)

@@ -1,11 +1,13 @@
-"""Nested adapters from weights that exist today: IP-Adapter Plus files, and the authors' official SDXL checkpoint."""
+"""Nested adapters from weights that exist today: IP-Adapter Plus files, and the authors' official SDXL checkpoint
+under an assumed layout (docs/official_import.md)."""
 import folder_paths
 
 from ..encoders.ipadapter_plus import load_ip_adapter_plus
 from ..encoders.nested_adapter import is_adapter_file
 from ..encoders.official_nested_import import IMPORT_FIX, import_official_nested_file
 from .base_model import clip_tokenizers
-from .nested_adapter_nodes import CATEGORY, initializer_vectors, ready
+from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .nested_adapter_nodes import initializer_vectors, ready
 
 WORD_TOOLTIP = ("The word the subject token starts from: its input embedding becomes the subject token's. A single-token "
                 "word; bind the subject to this word in the prompt (in 'Nested Attention Subject') so the prompt "
@@ -22,6 +24,7 @@ class NestedAttentionIPAdapterLoader:
                    "is not measured here. Other IP-Adapter variants (plain, Full Face, FaceID) are refused with the "
                    "reason.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "ip-adapter", "ipadapter", "ip-adapter plus", "face", "loader"]
     FUNCTION = "load"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
@@ -51,14 +54,15 @@ class NestedAttentionOfficialLoader:
                    "adapter. Its layout is undocumented and the import has NOT been checked against the real file: "
                    "every plausible layout is accepted and any other key is refused, listed. To convert it once instead "
                    "of at every load: python -m encoders.official_nested_import <checkpoint> <out>.safetensors --base "
-                   "<SDXL checkpoint>, from the pack's folder (README, Nested Attention), then load the result with "
+                   "<SDXL checkpoint>, from the pack's folder (docs/official_import.md), then load the result with "
                    "'Load Nested Attention Adapter'.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "official", "sdxl", "import"]
     FUNCTION = "load"
     RETURN_TYPES = ("NESTED_ADAPTER",)
     RETURN_NAMES = ("nested_adapter",)
-    OUTPUT_TOOLTIPS = ("The official checkpoint as a Nested Attention adapter (SDXL): connect it to 'Nested Attention "
-                       "Subject'.",)
+    OUTPUT_TOOLTIPS = ("The official checkpoint, imported under an assumed layout, as a Nested Attention adapter (SDXL): "
+                       "connect it to 'Nested Attention Subject'.",)
 
     @classmethod
     def INPUT_TYPES(cls):

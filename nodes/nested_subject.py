@@ -7,16 +7,21 @@ from comfy.clip_model import clip_preprocess
 
 from ..encoders.nested_adapter import CLIP_VISION
 from .input_checks import checked_inputs
-from .nested_adapter_nodes import CATEGORY, HIDDEN_STATE_INDEX
+from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .nested_adapter_nodes import HIDDEN_STATE_INDEX
 from .subjects import MASK_INPUTS, SUBJECT_INPUTS, append_subject, checked_subject, with_mask
 
 CLIP_VISION_OUTPUTS = {"penultimate": "penultimate_hidden_states", "last": "last_hidden_state"}
-TOKEN_WEIGHT_INPUT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05,
-                                "tooltip": "Weight on the subject word's attention, 0 to 10: it multiplies the word's attention in "
-                                           "every cross-attention layer before the attention is renormalised (above 1 "
-                                           "the image comes in more, below 1 less). 0 = use the adapter's own weight "
-                                           "(its special_token_weight metadata: 1.0 for IP-Adapter files and this "
-                                           "pack's adapters)."})
+ADAPTERS_OWN = "adapter's own"
+TOKEN_WEIGHT_SOURCE_INPUT = ([ADAPTERS_OWN, "token_weight below"], {
+    "default": ADAPTERS_OWN,
+    "tooltip": "Where the weight on the subject word's attention comes from: the adapter file's own "
+               "(special_token_weight: 1.0 for IP-Adapter files and this pack's adapters), or token_weight below."})
+TOKEN_WEIGHT_INPUT = ("FLOAT", {"default": 1.0, "min": 0.05, "max": 10.0, "step": 0.05,
+                                "tooltip": "Used when token_weight_source is 'token_weight below'. Weight on the subject "
+                                           "word's attention, 0.05 to 10: it multiplies the word's attention in every "
+                                           "cross-attention layer before the attention is renormalised (above 1 the "
+                                           "image comes in more, below 1 less; 1 leaves it)."})
 
 
 @torch.no_grad()  # the executor runs nodes under inference_mode; direct callers (scripts, tests) must not build graphs
@@ -50,6 +55,7 @@ class NestedAttentionSubject:
                    "it to a subject list. The subject binds to its word in the prompt of 'Nested Attention Encode'. "
                    "Chain several of these (each may use its own adapter) for several subjects.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "nested attention", "reference image", "face", "ip-adapter"]
     FUNCTION = "encode"
     RETURN_TYPES = ("SUBJECTS",)
     RETURN_NAMES = ("subjects",)
@@ -67,15 +73,16 @@ class NestedAttentionSubject:
                 "image": ("IMAGE", {"tooltip": "One or more photos of the subject; their encodings are averaged."}),
                 **SUBJECT_INPUTS,
             },
-            "optional": {**MASK_INPUTS, "token_weight": TOKEN_WEIGHT_INPUT},
+            "optional": {**MASK_INPUTS, "token_weight_source": TOKEN_WEIGHT_SOURCE_INPUT,
+                         "token_weight": TOKEN_WEIGHT_INPUT},
         }
 
     @checked_inputs(("start_percent", "end_percent"))
     def encode(self, nested_adapter, clip_vision, image, word, weight, start_percent, end_percent, subjects=None,
-               mask=None, mask_feather=0, token_weight=0.0):
+               mask=None, mask_feather=0, token_weight_source=ADAPTERS_OWN, token_weight=1.0):
         subject = checked_subject(word, image, weight, start_percent, end_percent)
         subject = replace(subject, adapter=nested_adapter, tokens=encode_subject_tokens(nested_adapter, clip_vision, image),
-                          token_weight=token_weight)
+                          token_weight=None if token_weight_source == ADAPTERS_OWN else token_weight)
         return (append_subject(subjects, with_mask(subject, mask, mask_feather)),)
 
 

@@ -6,9 +6,8 @@ import folder_paths
 
 from ..encoders.subject_preparation import INSIGHTFACE_MODEL_FILES, load_face_analysis, prepare_faces, prepare_with_mask
 from .input_checks import checked_inputs
-from .subjects import CATEGORY as PACK_CATEGORY
+from .naming import PREPARATION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 
-CATEGORY = f"{PACK_CATEGORY}/preparation"
 
 BACKGROUNDS = {"black": "black", "white": "white", "gray": "gray", "keep photo": None}
 
@@ -19,6 +18,7 @@ class PrepareSubjectWithMask:
                    "background), and the photo is cropped square around it. For a box, make the mask with "
                    "'Subject Region Mask' at the photo's size.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "crop", "mask", "reference image"]
     FUNCTION = "prepare"
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("image", "mask")
@@ -57,6 +57,7 @@ class PrepareFace:
                    "encoders expect. Needs `pip install insightface onnxruntime` and the antelopev2 or buffalo_l model "
                    "files in models/insightface/models/<name>/. Every other node works without it.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "face", "insightface", "crop", "align"]
     FUNCTION = "prepare"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)

@@ -1,16 +1,17 @@
 """Regional subject masks as nodes: draw a box mask, and apply subject masks to a MODEL (FastComposer lists)."""
 from ..attention.subject_masks import region_mask
 from .input_checks import checked_inputs
+from .naming import COMPOSITION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
 from .subject_patch import PatchedSubject, add_subject_patch
-from .subjects import CATEGORY as PACK_CATEGORY, bindings_of
+from .subjects import bindings_of
 
-CATEGORY = f"{PACK_CATEGORY}/composition"
 
 
 class SubjectRegionMask:
     DESCRIPTION = ("A rectangular MASK for a subject's region, given as fractions of the image (0 = left/top edge, "
                    "1 = right/bottom edge). Use the size of the image you generate, or any size of the same shape.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "region", "mask", "layout"]
     FUNCTION = "mask"
     RETURN_TYPES = ("MASK",)
     RETURN_NAMES = ("mask",)
@@ -44,6 +45,7 @@ class ApplySubjectMasks:
                    "subjects without their identities blending. Nested Attention subjects need not pass through here: "
                    "'Apply Nested Attention' applies their masks itself. Subjects without a mask are untouched.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "regional", "mask", "layout", "multi-subject"]
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)

@@ -11,8 +11,9 @@ import torch
 
 from ..attention.subject_masks import as_single_mask, feather_mask
 from .input_checks import checked_inputs
+from .naming import PACK_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .schedule_range import schedule_range_inputs
 
-CATEGORY = "subject personalization"
 BINDINGS_KEY = "subject_bindings"  # in a CONDITIONING's dict: ((Subject, signature), ...)
 
 
@@ -26,7 +27,7 @@ class Subject:
     end_percent: float = 1.0
     adapter: object | None = None          # NestedAdapter, for Nested Attention
     tokens: torch.Tensor | None = None     # the adapter's encoder output for these images, (1, M, D)
-    token_weight: float = 0.0              # Nested Attention: weight on the word's attention; 0 = the adapter's own
+    token_weight: float | None = None      # Nested Attention: weight on the word's attention; None = the adapter's own
 
 
 def append_subject(subjects: tuple[Subject, ...] | None, subject: Subject) -> tuple[Subject, ...]:
@@ -63,12 +64,7 @@ SUBJECT_INPUTS = {
     "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
                          "tooltip": "How strongly this subject's photos act, 0 to 2: 0 = the word alone, 1 = as "
                                     "trained, above 1 stronger."}),
-    "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "Where in the schedule this subject starts acting, 0 to 1 (0 = the first "
-                                           "step)."}),
-    "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "Where in the schedule this subject stops acting, 0 to 1 (1 = the last "
-                                         "step); above start_percent."}),
+    **schedule_range_inputs("this subject starts acting", "this subject stops acting"),
 }
 MASK_INPUTS = {
     "subjects": ("SUBJECTS", {"tooltip": "A subject list to append this subject to."}),
@@ -85,6 +81,7 @@ class AddSubject:
                    "its word in the prompt, with an optional region mask. The list works with both methods: "
                    "'FastComposer Encode' and 'Nested Attention Encode'. Chain one node per subject.")
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "reference image", "multi-subject"]
     FUNCTION = "add"
     RETURN_TYPES = ("SUBJECTS",)
     RETURN_NAMES = ("subjects",)

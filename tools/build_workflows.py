@@ -153,13 +153,13 @@ def negative_prompt(g, width, clip):
 
 
 def fastcomposer_loader(g):
-    return g.node("FastComposerLoader", (400, 160), ["pytorch_model.bin"],
+    return g.node("SubjectPersonalization_FastComposerLoader", (400, 160), ["pytorch_model.bin"],
                   outputs=[("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("clip_vision", "CLIP_VISION"),
                            ("fastcomposer", "FASTCOMPOSER")], title="FastComposer models")
 
 
 def fastcomposer_encode(g, loader, prompt):
-    encode = g.node("FastComposerEncode", (420, 320), [prompt, "", 0.2],
+    encode = g.node("SubjectPersonalization_FastComposerEncode", (420, 320), [prompt, "", 0.2],
                     inputs=[("clip", "CLIP"), ("clip_vision", "CLIP_VISION"), ("fastcomposer", "FASTCOMPOSER"),
                             ("subjects", "SUBJECTS")] + [(f"subject_{i}", "IMAGE") for i in range(1, 5)],
                     outputs=[("positive", "CONDITIONING")], title="Prompt with subjects")
@@ -212,7 +212,7 @@ SIDES = (("left", 0.0, 0.5), ("right", 0.5, 1.0))  # a region per subject: name,
 
 
 def region_mask(g, word, side, left, right):
-    return g.node("SubjectRegionMask", (340, 200), [512, 512, left, 0.0, right, 1.0], outputs=[("mask", "MASK")],
+    return g.node("SubjectPersonalization_SubjectRegionMask", (340, 200), [512, 512, left, 0.0, right, 1.0], outputs=[("mask", "MASK")],
                   title=f"Region: {word} ({side} half)")
 
 
@@ -222,10 +222,10 @@ OFFICIAL_SDXL_FILE = "nested_attention_official_sdxl.safetensors"  # the authors
 def adapter_loader(g, word, file):
     """The loader of one subject's adapter: the authors' SDXL checkpoint, or an IP-Adapter Plus file."""
     if file == OFFICIAL_SDXL_FILE:
-        return g.node("NestedAttentionOfficialLoader", (WIDE, 110), [file, word], inputs=[("clip", "CLIP")],
+        return g.node("SubjectPersonalization_NestedAttentionOfficialLoader", (WIDE, 110), [file, word], inputs=[("clip", "CLIP")],
                       outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter for {word} (official SDXL)")
     kind = "IP-Adapter Plus Face" if "face" in file else "IP-Adapter Plus"
-    return g.node("NestedAttentionIPAdapterLoader", (400, 110), [file, word], inputs=[("clip", "CLIP")],
+    return g.node("SubjectPersonalization_NestedAttentionIPAdapterLoader", (400, 110), [file, word], inputs=[("clip", "CLIP")],
                   outputs=[("nested_adapter", "NESTED_ADAPTER")], title=f"Adapter for {word} ({kind})")
 
 
@@ -242,7 +242,7 @@ def nested_attention(example):
     for (word, file), adapter_file, (side, left, right) in zip(example.subjects, example.adapters, SIDES):
         adapter = adapter_loader(g, word, adapter_file)
         image = photo(g, word, file, adapter["size"][0])
-        subject = g.node("NestedAttentionSubject", (360, 290), [word, 1.0, 0.0, 1.0, 0, 0.0],
+        subject = g.node("SubjectPersonalization_NestedAttentionSubject", (360, 314), [word, 1.0, 0.0, 1.0, 0, "adapter's own", 1.0],
                          inputs=[("nested_adapter", "NESTED_ADAPTER"), ("clip_vision", "CLIP_VISION"),
                                  ("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
@@ -259,7 +259,7 @@ def nested_attention(example):
         members += [adapter, image, subject, *regions]
         previous = subject
     g.group("Subjects", SUBJECTS, *members)
-    encode = g.node("NestedAttentionEncode", (420, 200), [example.prompt],
+    encode = g.node("SubjectPersonalization_NestedAttentionEncode", (420, 200), [example.prompt],
                     inputs=[("clip", "CLIP"), ("subjects", "SUBJECTS")], outputs=[("positive", "CONDITIONING")],
                     title="Prompt with subjects")
     negative = negative_prompt(g, 420, (checkpoint, "CLIP"))
@@ -267,7 +267,7 @@ def nested_attention(example):
     g.group("Prompt", PROMPT, encode, negative)
     g.link(checkpoint, "CLIP", encode, "clip")
     g.link(previous, "subjects", encode, "subjects")
-    apply = g.node("ApplyNestedAttention", (360, 150), [1.0, 0.0, 1.0],
+    apply = g.node("SubjectPersonalization_ApplyNestedAttention", (360, 150), [1.0, 0.0, 1.0],
                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("model", "MODEL")],
                    title="Nested Attention on the model")
     g.link(checkpoint, "MODEL", apply, "model")
@@ -287,7 +287,7 @@ def two_subjects_with_masks(example):
     for (word, file), (side, left, right) in zip(example.subjects, SIDES):
         image = photo(g, word, file, 400)
         region = region_mask(g, word, side, left, right)
-        subject = g.node("AddSubject", (340, 230), [word, 1.0, 0.0, 1.0, 16],
+        subject = g.node("SubjectPersonalization_AddSubject", (340, 230), [word, 1.0, 0.0, 1.0, 16],
                          inputs=[("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
         next_top = column(40, top, image)
@@ -306,9 +306,9 @@ def two_subjects_with_masks(example):
     negative = negative_prompt(g, 420, (loader, "clip"))
     column(right_of(*members), TOP, encode, negative)
     g.group("Prompt", PROMPT, encode, negative)
-    masks = g.node("ApplySubjectMasks", (420, 60), [], inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
+    masks = g.node("SubjectPersonalization_ApplySubjectMasks", (420, 60), [], inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
                    outputs=[("model", "MODEL")], title="Each subject in its region")
-    record = g.node("RecordSubjectAttention", (420, 150), ["all", 0.0, 1.0],
+    record = g.node("SubjectPersonalization_RecordSubjectAttention", (420, 150), ["all", 0.0, 1.0],
                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING")],
                     outputs=[("model", "MODEL"), ("recording", "SUBJECT_ATTENTION")],
                     title="Record where subjects are attended")
@@ -319,7 +319,7 @@ def two_subjects_with_masks(example):
     decode = sample_and_save(g, right_of(encode), [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0],
                              "fastcomposer_masks", (record, "model"), (encode, "positive"), (negative, "CONDITIONING"),
                              (loader, "vae"), patches=(masks, record))
-    maps = g.node("SubjectAttentionMaps", (420, 130), [0.6, 0.5],
+    maps = g.node("SubjectPersonalization_SubjectAttentionMaps", (420, 130), [0.6, 0.5],
                   inputs=[("recording", "SUBJECT_ATTENTION"), ("image", "IMAGE")],
                   outputs=[("heatmap", "IMAGE"), ("masks", "MASK")], title="Attention maps")
     preview = g.node("PreviewImage", (420, 460), [], inputs=[("images", "IMAGE")], outputs=[("images", "IMAGE")],

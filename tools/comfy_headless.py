@@ -22,7 +22,7 @@ else:  # imported with tools/ on sys.path (run_workflow.py, the benchmarks)
     from comfy_client import ComfyClient, free_loopback_port
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-PACK_NODE = "FastComposerLoader"  # any node of the pack: its presence shows ComfyUI imported the pack
+PACK_NODE = "SubjectPersonalization_FastComposerLoader"  # any node of the pack: its presence shows ComfyUI imported the pack
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
 

@@ -14,7 +14,7 @@ else:  # imported with tools/ on sys.path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER = "comfyui-subject-personalization"  # the pack's folder in custom_nodes/, as a user's clone names it
-PACK_NODE = "ApplyNestedAttention"  # listed by /object_info once ComfyUI imported the pack
+PACK_NODE = "SubjectPersonalization_ApplyNestedAttention"  # listed by /object_info once ComfyUI imported the pack
 
 
 class ComfyServer(ComfyClient):

@@ -24,11 +24,11 @@ from comfy_headless import HeadlessComfy, small_and_quick  # noqa: E402
 
 SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
 # Loader node -> (model folder, input naming the file)
-LOADERS = {"FastComposerLoader": ("fastcomposer", "checkpoint"), "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
-           "CLIPVisionLoader": ("clip_vision", "clip_name"), "NestedAttentionIPAdapterLoader": ("ipadapter", "ipadapter"),
-           "NestedAttentionLoader": ("nested_attention", "adapter"),
-           "NestedAttentionOfficialLoader": ("nested_attention", "checkpoint")}
-STAND_INS = {"FastComposerLoader"}  # the loaders the self-check has seeded random weights for
+LOADERS = {"SubjectPersonalization_FastComposerLoader": ("fastcomposer", "checkpoint"), "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
+           "CLIPVisionLoader": ("clip_vision", "clip_name"), "SubjectPersonalization_NestedAttentionIPAdapterLoader": ("ipadapter", "ipadapter"),
+           "SubjectPersonalization_NestedAttentionLoader": ("nested_attention", "adapter"),
+           "SubjectPersonalization_NestedAttentionOfficialLoader": ("nested_attention", "checkpoint")}
+STAND_INS = {"SubjectPersonalization_FastComposerLoader"}  # the loaders the self-check has seeded random weights for
 
 
 def missing_weights(comfy: HeadlessComfy, prompt: dict) -> dict[str, str]:
@@ -45,7 +45,7 @@ def missing_weights(comfy: HeadlessComfy, prompt: dict) -> dict[str, str]:
 def write_random_weights(comfy: HeadlessComfy, prompt: dict) -> None:
     from random_fastcomposer import write_random_fastcomposer
     for node in prompt.values():
-        if node["class_type"] == "FastComposerLoader":
+        if node["class_type"] == "SubjectPersonalization_FastComposerLoader":
             print("self-check: writing a FastComposer stand-in with seeded random weights in the official layout (0.7 GB)")
             name = Path(node["inputs"]["checkpoint"]).with_suffix(".bin").name  # the light stand-in is a pickle
             write_random_fastcomposer(comfy.model_dir("fastcomposer") / name, seed=0, light=True)
@@ -67,8 +67,8 @@ def main() -> None:
     prompt = comfy.workflow_to_prompt(json.loads(args.workflow.read_text()))
     missing = missing_weights(comfy, prompt)
     if set(missing.values()) - STAND_INS:
-        parser.error(f"{args.workflow.name} needs {', '.join(missing)} in ComfyUI's folders (README: the files each "
-                     f"workflow needs); the self-check on random weights covers the FastComposer workflows only")
+        parser.error(f"{args.workflow.name} needs {', '.join(missing)} in ComfyUI's folders (README, 'Workflows and "
+                     f"the files they need'); the self-check on random weights covers the FastComposer workflows only")
     scratch = Path(tempfile.mkdtemp(prefix="subject_personalization_selfcheck_")) if missing else None
     try:
         run(comfy, prompt, args, parser, missing, scratch)

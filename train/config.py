@@ -10,7 +10,7 @@ CONFIG_FIX = "correct the file: TOML (.toml) or JSON (any other name); train/con
 
 @dataclass
 class TrainConfig:
-    data: str = ""                          # dataset folder holding metadata.jsonl (see README, "Training")
+    data: str = ""                          # dataset folder holding metadata.jsonl (see docs/training.md)
     output: str = "nested_attention_run"    # run folder: checkpoints, loss log, validation grids, encodings cache
     encodings: str = ""                     # where the encoder outputs are cached ("" = <output>/encodings)
     checkpoint: str = ""                    # base model: a ComfyUI checkpoint file (SD1.5 or SDXL), frozen

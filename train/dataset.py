@@ -22,8 +22,8 @@ from ..encoders.checkpoint_io import read_image as read_image_array
 from ..encoders.subject_preparation import prepare_with_mask
 
 REFERENCE_SIZE = 224
-DATASET_FIX = ("a training set is a folder with metadata.jsonl, one JSON object per line: see the README's training "
-               "guide for the format")
+DATASET_FIX = ("a training set is a folder with metadata.jsonl, one JSON object per line: the format is in "
+               "docs/training.md")
 IMAGE_FIX = "replace it with a readable image (PNG, JPEG or WebP)"
 
 

@@ -14,7 +14,7 @@ from ..attention.subject_attention import SubjectBinding, subject_attention
 from ..attention.subject_masks import layer_query_mask
 from ..nodes.subject_patch import layer_key
 
-# FastComposer supervises the middle levels: down 1-2, mid, up 1-2 (METHODS.md §1), in ComfyUI's block ids.
+# FastComposer supervises the middle levels: down 1-2, mid, up 1-2 (docs/methods.md §1.5), in ComfyUI's block ids.
 LOCALIZATION_BLOCKS = {"sd15": {("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0),
                                 ("output", 3), ("output", 4), ("output", 5), ("output", 6), ("output", 7), ("output", 8)},
                        "sdxl": {("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0),

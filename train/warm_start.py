@@ -1,6 +1,6 @@
 """The adapter a run starts from: fresh (it behaves like the initializer word), or the weights of `init_from`.
 
-`init_from` is an IP-Adapter Plus file (METHODS.md §2.5: its resampler and per-layer to_k_ip/to_v_ip maps are a nested
+`init_from` is an IP-Adapter Plus file (docs/methods.md §2.5: its resampler and per-layer to_k_ip/to_v_ip maps are a nested
 adapter's encoder and projections) or an adapter file of this pack. Training then starts from those weights: the
 resampler (with its base token), the per-layer projections and any fine-tuned CLIP vision layers. The file's sizes
 define the resampler, so the config's `encoder` overrides must agree with them, and the file's CLIP vision model must

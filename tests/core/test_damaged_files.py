@@ -286,7 +286,7 @@ def test_official_import_checks_sizes_against_tensors(tmp_path):
     state = official_like()
     state["image_proj.layers.0.1.1.weight"] = torch.zeros(100, 64)  # a feed-forward width that is no multiple of 64
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, path)
-    refused(lambda: import_official_nested_file(path, "person", EMBEDDINGS), path, IMPORT_FIX,
+    refused(lambda: import_official_nested_file(path, "person", EMBEDDINGS), path, "the layouts this import accepts are assumed",
             r"resampler\.blocks\.0\.1\.1\.weight has shape \(100, 64\)")
 
 
@@ -377,11 +377,11 @@ GOOD_LINE = json.dumps({"image": "images/0.png", "caption": "a photo of a dog",
 ])
 def test_metadata_jsonl_refusals_name_the_file_and_the_real_line(tmp_path, lines, problem):
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    refused(lambda: SubjectDataset(tmp_path, 64), tmp_path / "metadata.jsonl", "README's training guide", problem)
+    refused(lambda: SubjectDataset(tmp_path, 64), tmp_path / "metadata.jsonl", "the format is in docs/training.md", problem)
 
 
 def test_a_missing_metadata_jsonl_is_named(tmp_path):
-    refused(lambda: SubjectDataset(tmp_path, 64), tmp_path / "metadata.jsonl", "README's training guide", "no such file")
+    refused(lambda: SubjectDataset(tmp_path, 64), tmp_path / "metadata.jsonl", "the format is in docs/training.md", "no such file")
 
 
 @pytest.mark.parametrize("name,content,problem", [

@@ -1,4 +1,4 @@
-"""FastComposer fusion against a float64 re-computation written from METHODS.md §1."""
+"""FastComposer fusion against a float64 re-computation written from docs/methods.md §1.3."""
 import math
 
 import pytest

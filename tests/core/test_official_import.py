@@ -2,6 +2,12 @@
 same tensors gives the same adapter; keys outside them are refused, listed. Narrow layers (64 wide) and a small
 resampler whose attention (3 heads of 64) is wider than its queries (96), with IP-Adapter's optional learned positions
 and mean-pooled queries."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,6 +20,8 @@ from subject_personalization.encoders.unet_layers import ip_adapter_layers, to_d
 
 EMBEDDINGS = {"l": torch.randn(768), "g": torch.randn(1280)}
 IMPORT_FIX = "the official demo checkpoint"
+LAYOUT_FIX = (r"the layouts this import accepts are assumed .*: the authors' file has not been checked against them; "
+              r"if this file is their demo checkpoint, it is not damaged, its layout is new to the pack")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,16 @@ def test_what_the_import_does_not_know_is_refused(tmp_path, parts, extra, proble
     path = write(tmp_path, in_layout(parts, "IP-Adapter numbers") | extra, False)
     with pytest.raises(UnreadableFile, match=problem) as caught:
         import_official_nested_file(path, "person", EMBEDDINGS)
-    assert str(path) in str(caught.value) and IMPORT_FIX in str(caught.value)
+    assert str(path) in str(caught.value) and re.search(LAYOUT_FIX, str(caught.value))
+    assert "damaged" not in str(caught.value).split("; the layouts")[0]
+
+
+def test_keys_of_no_known_layout_are_refused_with_what_was_expected(tmp_path, parts):
+    path = write(tmp_path, in_layout(parts, "IP-Adapter numbers") | {"encoder.blocks.0.attn.qkv.weight": torch.zeros(1)},
+                 False)
+    with pytest.raises(UnreadableFile, match=r"1 keys fit no layout .*: encoder\.blocks\.0\.attn\.qkv\.weight; expected a "
+                                             r"resampler in IP-Adapter's naming .* to_k_nest and to_v_nest weights"):
+        import_official_nested_file(path, "person", EMBEDDINGS)
 
 
 def test_a_pickle_holding_objects_is_refused(tmp_path):
@@ -125,3 +142,20 @@ def test_a_pickle_holding_objects_is_refused(tmp_path):
     torch.save({"image_proj": {"latents": torch.zeros(1)}, "config": {"name": object.__new__(Weights)}}, path)
     with pytest.raises(UnreadableFile, match="never unpickles arbitrary objects"):
         import_official_nested_file(path, "person", EMBEDDINGS)
+
+
+def test_the_tokenizer_default_is_the_comfyui_the_pack_is_linked_into(tmp_path):
+    """tools/setup_comfyui.sh links the pack into custom_nodes: from the link, as a user's shell reaches it, the
+    command's default tokenizer folder is that ComfyUI's, not one above the clone the link points to."""
+    pack_root = Path(__file__).resolve().parents[2]
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "comfy" / "sd1_tokenizer").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        (comfyui / "comfy" / "sd1_tokenizer" / name).write_text("{}")
+    (comfyui / "custom_nodes").mkdir()
+    (comfyui / "custom_nodes" / "subject-personalization").symlink_to(pack_root)
+    shown = subprocess.run(["bash", "-c", f"cd {comfyui}/custom_nodes/subject-personalization && "
+                                          f"{sys.executable} -m encoders.official_nested_import --help"],
+                           capture_output=True, text=True, timeout=300, check=True,
+                           env={**os.environ, "COLUMNS": "1000"}).stdout  # help on one line: paths are not broken
+    assert f"(default: the one of the ComfyUI this pack is in, {comfyui / 'comfy' / 'sd1_tokenizer'})" in shown

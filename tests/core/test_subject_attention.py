@@ -1,4 +1,4 @@
-"""subject_attention against a float64 reference written straight from the equations (METHODS.md §2, §3).
+"""subject_attention against a float64 reference written straight from the equations (docs/methods.md §2.1, §3).
 
 Per head: a_qj = e_qj / sum_j' e_qj' with e_qj = exp(q.k_j / sqrt(d)), times mask_q * w on the subject's column only
 (w: its token weight); v*_q = softmax_m(q.K~_m / sqrt(d)) V~_m; out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq -

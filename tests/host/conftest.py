@@ -66,7 +66,7 @@ def fastcomposer_file(comfy):
 @pytest.fixture(scope="session")
 def fastcomposer_models(comfy, fastcomposer_file):
     """(MODEL, CLIP, VAE, CLIP_VISION, FASTCOMPOSER) loaded through the pack's loader node."""
-    return comfy.nodes.NODE_CLASS_MAPPINGS["FastComposerLoader"]().load(fastcomposer_file.name)
+    return comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_FastComposerLoader"]().load(fastcomposer_file.name)
 
 
 @pytest.fixture(scope="session")

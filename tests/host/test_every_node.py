@@ -23,8 +23,8 @@ from hostenv import require_comfyui
 
 require_comfyui()
 
-NOT_EXECUTED_HERE = {"NestedAttentionOfficialLoader": "needs an SDXL CLIP: test_official_sdxl_workflow.py",
-                     "PrepareFace": "needs insightface: test_subject_composition.py checks its refusal"}
+NOT_EXECUTED_HERE = {"SubjectPersonalization_NestedAttentionOfficialLoader": "needs an SDXL CLIP: test_official_sdxl_workflow.py",
+                     "SubjectPersonalization_PrepareFace": "needs insightface: test_subject_composition.py checks its refusal"}
 PHOTO = "subject-personalization-astronaut.jpg"
 SAMPLE = {"seed": 0, "steps": 1, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
 
@@ -34,38 +34,39 @@ def nested_prompt() -> dict:
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
         "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "CLIP-ViT-L-14.safetensors"}},
         "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"}},
-        "4": {"class_type": "NestedAttentionLoader", "inputs": {"adapter": "nested_person_sd15.safetensors"}},
-        "5": {"class_type": "NestedAttentionIPAdapterLoader",
+        "4": {"class_type": "SubjectPersonalization_NestedAttentionLoader", "inputs": {"adapter": "nested_person_sd15.safetensors"}},
+        "5": {"class_type": "SubjectPersonalization_NestedAttentionIPAdapterLoader",
               "inputs": {"ipadapter": "ip-adapter-plus_sd15.safetensors", "clip": ["1", 1], "word": "cat"}},
-        "6": {"class_type": "NestedAttentionNewAdapter",
+        "6": {"class_type": "SubjectPersonalization_NestedAttentionNewAdapter",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "initializer_word": "dog", "subject_domain": "pet",
-                         "vision_model": "ViT-L/14", "seed": 3, "filename": "every_node_new_adapter"}},
+                         "vision_model": "ViT-L/14", "seed": 3, "filename": "every_node_new_adapter",
+                         "overwrite": False}},
         "7": {"class_type": "LoadImage", "inputs": {"image": PHOTO}},
-        "8": {"class_type": "SubjectRegionMask",
+        "8": {"class_type": "SubjectPersonalization_SubjectRegionMask",
               "inputs": {"width": 64, "height": 64, "left": 0.0, "top": 0.0, "right": 0.5, "bottom": 1.0}},
-        "9": {"class_type": "PrepareSubjectWithMask",
+        "9": {"class_type": "SubjectPersonalization_PrepareSubjectWithMask",
               "inputs": {"image": ["7", 0], "mask": ["24", 0], "size": 224, "margin": 0.1, "background": "black"}},
-        "24": {"class_type": "SubjectRegionMask",  # the photo's size: 384 x 384
+        "24": {"class_type": "SubjectPersonalization_SubjectRegionMask",  # the photo's size: 384 x 384
                "inputs": {"width": 384, "height": 384, "left": 0.2, "top": 0.1, "right": 0.8, "bottom": 0.9}},
-        "10": {"class_type": "NestedAttentionSubject",
+        "10": {"class_type": "SubjectPersonalization_NestedAttentionSubject",
                "inputs": {"nested_adapter": ["4", 0], "clip_vision": ["2", 0], "image": ["9", 0], "word": "person",
                           "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "mask": ["8", 0]}},
-        "11": {"class_type": "NestedAttentionSubject",
+        "11": {"class_type": "SubjectPersonalization_NestedAttentionSubject",
                "inputs": {"nested_adapter": ["5", 0], "clip_vision": ["3", 0], "image": ["7", 0], "word": "cat",
                           "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "subjects": ["10", 0]}},
-        "12": {"class_type": "NestedAttentionSubject",
+        "12": {"class_type": "SubjectPersonalization_NestedAttentionSubject",
                "inputs": {"nested_adapter": ["6", 0], "clip_vision": ["2", 0], "image": ["7", 0], "word": "dog",
                           "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "subjects": ["11", 0]}},
-        "13": {"class_type": "NestedAttentionEncode",
+        "13": {"class_type": "SubjectPersonalization_NestedAttentionEncode",
                "inputs": {"clip": ["1", 1], "subjects": ["12", 0], "text": "a person with a cat and a dog"}},
-        "14": {"class_type": "ApplyNestedAttention",
+        "14": {"class_type": "SubjectPersonalization_ApplyNestedAttention",
                "inputs": {"model": ["1", 0], "positive": ["13", 0], "strength": 1.0, "start_percent": 0.0,
                           "end_percent": 1.0}},
-        "15": {"class_type": "RecordSubjectAttention",
+        "15": {"class_type": "SubjectPersonalization_RecordSubjectAttention",
                "inputs": {"model": ["14", 0], "positive": ["13", 0], "layers": "all", "start_percent": 0.0,
                           "end_percent": 1.0}},
         **sampled("15", "13", "1", width=64),
-        "20": {"class_type": "SubjectAttentionMaps",
+        "20": {"class_type": "SubjectPersonalization_SubjectAttentionMaps",
                "inputs": {"recording": ["15", 1], "image": ["18", 0], "opacity": 0.6, "mask_threshold": 0.5}},
         "21": {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}},
         "22": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
@@ -74,17 +75,17 @@ def nested_prompt() -> dict:
 
 def fastcomposer_prompt() -> dict:
     return {
-        "1": {"class_type": "FastComposerLoader", "inputs": {"checkpoint": "pytorch_model.bin"}},
+        "1": {"class_type": "SubjectPersonalization_FastComposerLoader", "inputs": {"checkpoint": "pytorch_model.bin"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": PHOTO}},
-        "3": {"class_type": "SubjectRegionMask",
+        "3": {"class_type": "SubjectPersonalization_SubjectRegionMask",
               "inputs": {"width": 64, "height": 64, "left": 0.0, "top": 0.0, "right": 0.5, "bottom": 1.0}},
-        "4": {"class_type": "AddSubject", "inputs": {"image": ["2", 0], "word": "woman", "weight": 1.0,
+        "4": {"class_type": "SubjectPersonalization_AddSubject", "inputs": {"image": ["2", 0], "word": "woman", "weight": 1.0,
                                                      "start_percent": 0.0, "end_percent": 1.0, "mask": ["3", 0]}},
-        "5": {"class_type": "FastComposerEncode",
+        "5": {"class_type": "SubjectPersonalization_FastComposerEncode",
               "inputs": {"clip": ["1", 1], "clip_vision": ["1", 3], "fastcomposer": ["1", 4],
                          "text": "a woman reading a book", "subject_words": "", "text_only_fraction": 0.2,
                          "subjects": ["4", 0]}},
-        "6": {"class_type": "ApplySubjectMasks", "inputs": {"model": ["1", 0], "positive": ["5", 0]}},
+        "6": {"class_type": "SubjectPersonalization_ApplySubjectMasks", "inputs": {"model": ["1", 0], "positive": ["5", 0]}},
         **sampled("6", "5", "1", width=64),
     }
 

@@ -41,7 +41,7 @@ def fastcomposer_file(comfy):
 
 @pytest.fixture(scope="module")
 def fastcomposer_models(fastcomposer_file, node):
-    return node("FastComposerLoader").load(fastcomposer_file.name)
+    return node("SubjectPersonalization_FastComposerLoader").load(fastcomposer_file.name)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_fused_conditioning_matches_reference(comfy, fastcomposer_models, checkp
     _, clip, _, clip_vision, fusion = fastcomposer_models
     tokenizer = hf.reference_tokenizer(Path(comfy.comfyui_path) / "comfy" / "sd1_tokenizer")
     fusion_params = hf.float64_part(checkpoint, "postfuse_module.")
-    encode = node("FastComposerEncode")
+    encode = node("SubjectPersonalization_FastComposerEncode")
     for prompt_index, prompt in enumerate(PROMPTS):
         images = photo_order(prompt.count("<|image|>"), first=prompt_index)
         comfy_images = {f"subject_{i + 1}": as_comfy_image(SUBJECT_IMAGES[image]) for i, image in enumerate(images)}
@@ -149,7 +149,7 @@ def test_long_prompt_binds_a_word_in_the_second_chunk(fastcomposer_models, check
     _, clip, _, clip_vision, fusion = fastcomposer_models
     filler = ", ".join(["a quiet street with old trees"] * 12)
     prompt = f"{filler}, and a dog <|image|> sitting"
-    (conditioning,) = node("FastComposerEncode").encode(clip, clip_vision, fusion, prompt, "", 0.0,
+    (conditioning,) = node("SubjectPersonalization_FastComposerEncode").encode(clip, clip_vision, fusion, prompt, "", 0.0,
                                                         subject_1=as_comfy_image(SUBJECT_IMAGES[1]))
     fused = conditioning[0][0]
     plain, _ = clip.encode_from_tokens(clip.tokenize(prompt.replace(" <|image|>", "")), return_pooled=True)

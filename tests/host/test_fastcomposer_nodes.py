@@ -16,7 +16,7 @@ def image(seed, height=96, width=80):
 @pytest.fixture(scope="module")
 def encode(fastcomposer_models, node):
     _, clip, _, clip_vision, fusion = fastcomposer_models
-    encoder = node("FastComposerEncode")
+    encoder = node("SubjectPersonalization_FastComposerEncode")
     return lambda text, *subjects, words="", fraction=0.2, clip=clip: encoder.encode(
         clip, clip_vision, fusion, text, words, fraction,
         **{f"subject_{i + 1}": s for i, s in enumerate(subjects) if s is not None})[0]
@@ -32,7 +32,7 @@ def test_safetensors_conversion_loads_the_same_models(fastcomposer_file, fastcom
     from subject_personalization.encoders.fastcomposer_checkpoint import convert_to_safetensors
     converted = convert_to_safetensors(fastcomposer_file, fastcomposer_file.with_name("fastcomposer.safetensors"))
     try:
-        from_safetensors = weights(node("FastComposerLoader").load(converted.name))
+        from_safetensors = weights(node("SubjectPersonalization_FastComposerLoader").load(converted.name))
         from_pickle = weights(fastcomposer_models)
         for part, tensors in from_safetensors.items():
             assert tensors.keys() == from_pickle[part].keys(), part
@@ -125,9 +125,9 @@ def test_loader_refuses_files_that_are_not_fastcomposer(comfy, node):
     torch.save({"weight": torch.zeros(1)}, folder / "renamed.safetensors")
     try:
         with pytest.raises(ValueError, match="ordinary Stable Diffusion checkpoint"):
-            node("FastComposerLoader").load("sd15.safetensors")
+            node("SubjectPersonalization_FastComposerLoader").load("sd15.safetensors")
         with pytest.raises(ValueError, match="is a PyTorch pickle, not safetensors"):
-            node("FastComposerLoader").load("renamed.safetensors")
+            node("SubjectPersonalization_FastComposerLoader").load("renamed.safetensors")
     finally:
         (folder / "sd15.safetensors").unlink()
         (folder / "renamed.safetensors").unlink()

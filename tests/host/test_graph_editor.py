@@ -32,6 +32,8 @@ import pytest
 from hostenv import TESTED_VERSIONS, comfyui_version, require_comfyui
 
 COMFYUI_PATH = Path(require_comfyui())
+from build_workflows import TITLE_BAR  # noqa: E402  (the builder's title bar: the checks below measure the editor's)
+
 from subject_personalization.tools.comfy_server import running_server  # noqa: E402
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +43,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 2560, "height": 1440}  # the whole of each workflow above the zoom where text is drawn
-TITLE_BAR = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is drawn above a node's pos
 BADGE_GAP = 2  # LGraphNode.drawBadges' default gap: between the title bar and its badges, and between badges
 LOAD_TIMEOUT = 120_000  # ms: the frontend's first load on a busy 2-core machine
 SETTLE = 1_500  # ms after a workflow's nodes are in place: the editor's checks of models and inputs report by then
@@ -354,9 +355,9 @@ def test_a_missing_model_file_is_reported_with_its_folder_and_download(editor, t
     """The check above can fail, and the workflows' properties.models reach the user: a pack loader's file that is not
     installed is reported by name (older editors: in a dialog); newer editors name its folder and offer its download,
     and also flag a photo that Load Image does not list (one in a subfolder of the input folder)."""
-    source = next(path for path in WORKFLOWS if "NestedAttentionIPAdapterLoader" in path.read_text())
+    source = next(path for path in WORKFLOWS if "SubjectPersonalization_NestedAttentionIPAdapterLoader" in path.read_text())
     workflow = json.loads(source.read_text())
-    loader = next(node for node in workflow["nodes"] if node["type"] == "NestedAttentionIPAdapterLoader")
+    loader = next(node for node in workflow["nodes"] if node["type"] == "SubjectPersonalization_NestedAttentionIPAdapterLoader")
     missing = "ip-adapter-plus-face_sd15-not-installed.safetensors"
     loader["widgets_values"][0] = loader["properties"]["models"][0]["name"] = missing
     photo = next(node for node in workflow["nodes"] if node["type"] == "LoadImage")

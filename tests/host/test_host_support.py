@@ -21,7 +21,7 @@ def test_comfyui_reads_the_supported_range_from_pyproject(comfy):
 
     import comfyui_version
     config = config_parser.extract_node_configuration(str(PACK_ROOT))
-    assert config.project.name == "comfyui-subject-personalization"
+    assert config.project.name == "subject-personalization"
     assert config.tool_comfy.display_name.startswith("Subject Personalization")
     supported = SpecifierSet(config.project.supported_comfyui_version)
     assert supported.contains(TESTED_VERSIONS[0]) and supported.contains(TESTED_VERSIONS[-1])

@@ -34,13 +34,13 @@ def patched(comfy, fastcomposer_models, node):
         with torch.no_grad():
             adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
         image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(seed))
-        (subjects,) = node("NestedAttentionSubject").encode(adapter, clip_vision, image, word, 1.0, 0.0, 1.0,
+        (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, clip_vision, image, word, 1.0, 0.0, 1.0,
                                                             subjects=subjects)
-    positives = [node("NestedAttentionEncode").encode(clip, subjects, prompt)[0] for prompt in PROMPTS]
+    positives = [node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, prompt)[0] for prompt in PROMPTS]
     (positive,) = node("ConditioningCombine").combine(*positives)
     (negative,) = node("CLIPTextEncode").encode(clip, "blurry, lowres")
-    nested = node("ApplyNestedAttention").apply(model, positive, 1.0, 0.0, 1.0)[0]
-    recorded, recording = node("RecordSubjectAttention").record(nested, positive, "all", 0.0, 1.0)
+    nested = node("SubjectPersonalization_ApplyNestedAttention").apply(model, positive, 1.0, 0.0, 1.0)[0]
+    recorded, recording = node("SubjectPersonalization_RecordSubjectAttention").record(nested, positive, "all", 0.0, 1.0)
     return recorded, recording, positive, negative
 
 

@@ -33,21 +33,21 @@ def nested(fastcomposer_models, node):
         for adapter in (person, pet):
             adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=generator)
     images = [torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
-    (subjects,) = node("NestedAttentionSubject").encode(person, clip_vision, images[0], "person", 1.0, 0.0, 1.0)
-    (subjects,) = node("NestedAttentionSubject").encode(pet, clip_vision, images[1], "dog", 1.0, 0.0, 1.0, subjects=subjects)
-    (positive,) = node("NestedAttentionEncode").encode(clip, subjects, PROMPT)
-    (long_positive,) = node("NestedAttentionEncode").encode(clip, subjects, LONG_PROMPT)
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(person, clip_vision, images[0], "person", 1.0, 0.0, 1.0)
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(pet, clip_vision, images[1], "dog", 1.0, 0.0, 1.0, subjects=subjects)
+    (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, PROMPT)
+    (long_positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, LONG_PROMPT)
     (negative,) = node("CLIPTextEncode").encode(clip, "blurry, lowres")
     return {"subjects": subjects, "positive": positive, "long_positive": long_positive, "negative": negative}
 
 
 def apply(node, model, positive, strength=1.0):
-    return node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)[0]
+    return node("SubjectPersonalization_ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)[0]
 
 
 def subject_patch_module(node):
     """The patch module of the pack as ComfyUI loaded it (from custom_nodes), which the nodes use."""
-    return sys.modules[type(node("ApplyNestedAttention")).__module__.rsplit(".", 1)[0] + ".subject_patch"]
+    return sys.modules[type(node("SubjectPersonalization_ApplyNestedAttention")).__module__.rsplit(".", 1)[0] + ".subject_patch"]
 
 
 def narrow_adapter(family):
@@ -196,7 +196,7 @@ def test_comfyuis_kernels_give_a_row_alone_the_bits_it_gets_in_the_batch(comfy, 
 
 def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastcomposer_models, nested, node, comfy):
     """Capture one layer's real q, k, v (through a replacement another pack installed first, which the patch
-    must wrap), then check the patched layer against a float64 evaluation of METHODS.md §2."""
+    must wrap), then check the patched layer against a float64 evaluation of docs/methods.md §2.1."""
     from subject_personalization.nodes.nested_encode import bound_token_positions
     model, clip = fastcomposer_models[:2]
     block, captured = ("input", 4, 0), {}
@@ -237,7 +237,7 @@ def test_conditioning_without_subjects_is_refused(fastcomposer_models, nested, n
 
 def test_subject_word_missing_from_the_prompt_is_refused(fastcomposer_models, nested, node):
     with pytest.raises(ValueError, match="'dog' is not in the prompt"):
-        node("NestedAttentionEncode").encode(fastcomposer_models[1], nested["subjects"], "a photo of a person")
+        node("SubjectPersonalization_NestedAttentionEncode").encode(fastcomposer_models[1], nested["subjects"], "a photo of a person")
 
 
 def test_a_patched_model_sampled_without_its_subjects_is_refused_before_the_first_step(fastcomposer_models, nested,
@@ -269,7 +269,7 @@ def test_one_positive_of_several_carrying_the_subjects_is_enough_and_is_checked_
     subject_patch = subject_patch_module(node)
     check, checks = subject_patch.check_sampling_inputs, []
     monkeypatch.setattr(subject_patch, "check_sampling_inputs", lambda *args: checks.append(1) or check(*args))
-    late = node("ApplyNestedAttention").apply(model, nested["positive"], 1.0, 0.5, 1.0)[0]
+    late = node("SubjectPersonalization_ApplyNestedAttention").apply(model, nested["positive"], 1.0, 0.5, 1.0)[0]
     (street,) = node("CLIPTextEncode").encode(clip, "a quiet street")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     node("KSampler").sample(late, 0, 2, 5.0, "ddim", "ddim_uniform", street + nested["positive"], nested["negative"],
@@ -283,7 +283,7 @@ def test_a_patch_stacked_over_another_packs_wrapper_checks_the_subjects_below_it
     patched = apply(node, fastcomposer_models[0], nested["positive"])
     ours = patched.model_options["model_function_wrapper"]
     patched.set_model_unet_function_wrapper(lambda apply_model, args: ours(apply_model, args))  # a wrapper that chains
-    recorded, _ = node("RecordSubjectAttention").record(patched, nested["positive"], "all", 0.0, 1.0)
+    recorded, _ = node("SubjectPersonalization_RecordSubjectAttention").record(patched, nested["positive"], "all", 0.0, 1.0)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     node("KSampler").sample(recorded, 0, 1, 5.0, "ddim", "ddim_uniform", nested["positive"], nested["negative"], latent)
     with pytest.raises(ValueError, match=r"no positive conditioning of this sampler carries .* \(subjects 'person', "
@@ -298,10 +298,10 @@ def test_an_adapter_for_another_base_model_is_refused_and_nothing_is_patched(fas
     before = copy.deepcopy(model.model_options)
     photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     sdxl_adapter = narrow_adapter("sdxl")
-    (sdxl_subjects,) = node("NestedAttentionSubject").encode(sdxl_adapter, clip_vision, photo, "person", 1.0, 0.0, 1.0)
+    (sdxl_subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(sdxl_adapter, clip_vision, photo, "person", 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match=r"is for sdxl \(text encoders \['g', 'l'\]\) but this CLIP has text encoders "
                                          r"\['l'\]: use the CLIP of the model the adapter was made for"):
-        node("NestedAttentionEncode").encode(clip, sdxl_subjects, PROMPT)
+        node("SubjectPersonalization_NestedAttentionEncode").encode(clip, sdxl_subjects, PROMPT)
     # An SD1.5 CLIP with an SDXL adapter is refused above; a conditioning that binds one anyway (made by hand here)
     # is refused by the patch node, whose MODEL is SD1.5.
     cond, options = nested["positive"][0]
@@ -310,9 +310,9 @@ def test_an_adapter_for_another_base_model_is_refused_and_nothing_is_patched(fas
                                                  *others)}]]
     with pytest.raises(ValueError, match=r"trained for sdxl \(context 2048\) but the MODEL is sd15 \(context 768\)"):
         apply(node, model, swapped)
-    (narrow_subjects,) = node("NestedAttentionSubject").encode(narrow_adapter("sd15"), clip_vision, photo, "person",
+    (narrow_subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(narrow_adapter("sd15"), clip_vision, photo, "person",
                                                                1.0, 0.0, 1.0)
-    (narrow_positive,) = node("NestedAttentionEncode").encode(clip, narrow_subjects, PROMPT)
+    (narrow_positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, narrow_subjects, PROMPT)
     with pytest.raises(ValueError, match=r"made for a UNet whose attn2 layers differ from this MODEL's .*use an "
                                          r"adapter made for this model"):
         apply(node, model, narrow_positive)

@@ -26,11 +26,11 @@ def test_patch_covers_all_70_layers_and_samples(sdxl, fastcomposer_models, node)
     with torch.no_grad():
         adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(1))
-    (subjects,) = node("NestedAttentionSubject").encode(adapter, fastcomposer_models[3], image, "person", 1.0, 0.0, 1.0)
-    (positive,) = node("NestedAttentionEncode").encode(clip, subjects, "a photo of a person reading")
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, fastcomposer_models[3], image, "person", 1.0, 0.0, 1.0)
+    (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, "a photo of a person reading")
     (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
     assert positive[0][0].shape == (1, 77, 2048)
-    (patched,) = node("ApplyNestedAttention").apply(model, positive, 1.0, 0.0, 1.0)
+    (patched,) = node("SubjectPersonalization_ApplyNestedAttention").apply(model, positive, 1.0, 0.0, 1.0)
     assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 70
     assert not model.model_options.get("transformer_options", {}).get("patches_replace")
 
@@ -46,12 +46,12 @@ def test_an_sd15_adapter_is_refused_by_an_sdxl_model(sdxl, fastcomposer_models, 
     sd15_model, sd15_clip, _, clip_vision, _ = fastcomposer_models
     adapter = fresh_adapter(sd15_model, sd15_clip, "person", "ViT-L/14", "person")
     image = torch.rand(1, 64, 64, 3)
-    (subjects,) = node("NestedAttentionSubject").encode(adapter, clip_vision, image, "person", 1.0, 0.0, 1.0)
-    (positive,) = node("NestedAttentionEncode").encode(sd15_clip, subjects, "a person")
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, clip_vision, image, "person", 1.0, 0.0, 1.0)
+    (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(sd15_clip, subjects, "a person")
     with pytest.raises(ValueError, match=r"trained for sd15 \(context 768\) but the MODEL is sdxl \(context 2048\)"):
-        node("ApplyNestedAttention").apply(sdxl[0], positive, 1.0, 0.0, 1.0)
+        node("SubjectPersonalization_ApplyNestedAttention").apply(sdxl[0], positive, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="is for sd15"):
-        node("NestedAttentionEncode").encode(sdxl[1], subjects, "a person")
+        node("SubjectPersonalization_NestedAttentionEncode").encode(sdxl[1], subjects, "a person")
 
 
 def test_the_official_checkpoint_imports_through_its_node(sdxl, comfy, node):
@@ -71,7 +71,7 @@ def test_the_official_checkpoint_imports_through_its_node(sdxl, comfy, node):
     source, converted = folder / "nested_official_demo.safetensors", folder / "nested_official_converted.safetensors"
     save_file({key: tensor.contiguous() for key, tensor in official.items()}, source)
     try:
-        (adapter,) = node("NestedAttentionOfficialLoader").load(source.name, clip, "person")
+        (adapter,) = node("SubjectPersonalization_NestedAttentionOfficialLoader").load(source.name, clip, "person")
         assert (adapter.base_family, len(adapter.layers), adapter.initializer_word) == ("sdxl", 70, "person")
         for key, embedding in initializer_vectors(clip, "person")[0].items():
             assert torch.equal(adapter.placeholder_embeddings[key], embedding), key
@@ -81,7 +81,7 @@ def test_the_official_checkpoint_imports_through_its_node(sdxl, comfy, node):
         save_nested_adapter(converted, adapter)
         with pytest.raises(ValueError, match="is already a Nested Attention adapter of this pack: load it with 'Load "
                                              "Nested Attention Adapter'"):
-            node("NestedAttentionOfficialLoader").load(converted.name, clip, "person")
+            node("SubjectPersonalization_NestedAttentionOfficialLoader").load(converted.name, clip, "person")
     finally:
         source.unlink()
         converted.unlink(missing_ok=True)

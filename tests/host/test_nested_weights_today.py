@@ -16,7 +16,7 @@ PHOTO = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(3))
 @pytest.fixture(scope="module")
 def ip_adapter(ipadapter_plus_file, fastcomposer_models, node):
     clip = fastcomposer_models[1]
-    (adapter,) = node("NestedAttentionIPAdapterLoader").load(ipadapter_plus_file.name, clip, " person ")
+    (adapter,) = node("SubjectPersonalization_NestedAttentionIPAdapterLoader").load(ipadapter_plus_file.name, clip, " person ")
     return adapter
 
 
@@ -39,7 +39,7 @@ def test_the_ip_adapter_loader_gives_the_files_maps_for_the_words_token(ip_adapt
 def test_an_ip_adapter_beside_the_wrong_clip_vision_is_refused_naming_both(ip_adapter, fastcomposer_models, node):
     vit_l = fastcomposer_models[3]
     with pytest.raises(ValueError, match=r"ViT-H/14.*ViT-L/14|ViT-L/14.*ViT-H/14"):
-        node("NestedAttentionSubject").encode(ip_adapter, vit_l, PHOTO, "person", 1.0, 0.0, 1.0)
+        node("SubjectPersonalization_NestedAttentionSubject").encode(ip_adapter, vit_l, PHOTO, "person", 1.0, 0.0, 1.0)
 
 
 def test_the_ip_adapter_loader_refuses_an_sdxl_file_with_an_sd15_clip(comfy, fastcomposer_models, node):
@@ -50,7 +50,7 @@ def test_the_ip_adapter_loader_refuses_an_sdxl_file_with_an_sd15_clip(comfy, fas
     try:
         with pytest.raises(ValueError, match=r"^ip-adapter-plus_sdxl_vit-h\.bin: it is an IP-Adapter for sdxl.* connect "
                                              r"the CLIP of the sdxl checkpoint"):
-            node("NestedAttentionIPAdapterLoader").load(path.name, fastcomposer_models[1], "person")
+            node("SubjectPersonalization_NestedAttentionIPAdapterLoader").load(path.name, fastcomposer_models[1], "person")
     finally:
         path.unlink()
 
@@ -62,21 +62,32 @@ def unet_output(fastcomposer_models, clip_vision_h_file, ip_adapter, node):
     (vision,) = node("CLIPVisionLoader").load_clip(clip_vision_h_file.name)
     (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
 
-    def output(token_weight: float, adapter=ip_adapter, strength: float = 1.0) -> torch.Tensor:
-        (subjects,) = node("NestedAttentionSubject").encode(adapter, vision, PHOTO, "person", 1.0, 0.0, 1.0,
-                                                            token_weight=token_weight)
-        (positive,) = node("NestedAttentionEncode").encode(clip, subjects, PROMPT)
-        (patched,) = node("ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)
+    def output(token_weight: float | None, adapter=ip_adapter, strength: float = 1.0) -> torch.Tensor:
+        """token_weight None: the node's default choice, the adapter's own."""
+        choice = {} if token_weight is None else {"token_weight_source": "token_weight below", "token_weight": token_weight}
+        (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, vision, PHOTO, "person", 1.0,
+                                                                                   0.0, 1.0, **choice)
+        (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, PROMPT)
+        (patched,) = node("SubjectPersonalization_ApplyNestedAttention").apply(model, positive, strength, 0.0, 1.0)
         return run_wrapped(patched, [positive[0][0], negative[0][0]], [0, 1])
 
     return output
 
 
-def test_token_weight_zero_is_the_adapters_own_and_one_changes_nothing(unet_output, ip_adapter):
+def test_the_default_is_the_adapters_own_token_weight_and_a_chosen_one_replaces_it(unet_output, ip_adapter):
     assert ip_adapter.special_token_weight == 1.0
-    assert torch.equal(unet_output(0.0), unet_output(1.0))
+    assert torch.equal(unet_output(None), unet_output(1.0))
     heavier = copy_with_weight(ip_adapter, 2.5)
-    assert torch.equal(unet_output(0.0, heavier), unet_output(2.5))
+    assert torch.equal(unet_output(None, heavier), unet_output(2.5))
+    assert torch.equal(unet_output(1.0, heavier), unet_output(1.0))
+    assert not torch.allclose(unet_output(None, heavier), unet_output(None), atol=1e-4)
+
+
+def test_the_token_weight_choice_is_a_named_option_not_a_number(node):
+    optional = node("SubjectPersonalization_NestedAttentionSubject").INPUT_TYPES()["optional"]
+    choices, options = optional["token_weight_source"]
+    assert options["default"] == choices[0] == "adapter's own"
+    assert optional["token_weight"][1]["min"] > 0 and optional["token_weight"][1]["default"] == 1.0
 
 
 def test_token_weight_moves_only_the_rows_that_carry_the_subject(unet_output):
@@ -105,6 +116,6 @@ def test_the_official_import_node_needs_an_sdxl_clip(comfy, fastcomposer_models,
     try:
         with pytest.raises(ValueError, match=r"is for SDXL, but this CLIP has text encoders \['l'\]: connect the CLIP "
                                              r"of an SDXL checkpoint"):
-            node("NestedAttentionOfficialLoader").load("nested_official.safetensors", fastcomposer_models[1], "person")
+            node("SubjectPersonalization_NestedAttentionOfficialLoader").load("nested_official.safetensors", fastcomposer_models[1], "person")
     finally:
         (comfy.model_dir("nested_attention") / "nested_official.safetensors").unlink()

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from hostenv import require_comfyui
+from hostenv import TESTED_VERSIONS, comfyui_version, require_comfyui
 
 require_comfyui()
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-PACK_CATEGORY = "subject personalization"
+PACK_CATEGORY = "Subject Personalization"
+# The naming rule (nodes/naming.py): the pack's prefix, then the node's CamelCase name. Saved workflows store these ids.
+NODE_ID = re.compile(r"^SubjectPersonalization_[A-Z][A-Za-z]+$")
+TITLE_CASE_WORD = re.compile(r"^[A-Z][A-Za-z-]*$")
 OUTPUT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # lowercase snake_case, naming what the output is
 
 
@@ -23,7 +26,7 @@ def pack_nodes(comfy) -> dict:
     folder = next(name for name, path in comfy.nodes.LOADED_MODULE_DIRS.items() if Path(path).resolve() == PACK_ROOT)
     found = {name: cls for name, cls in comfy.nodes.NODE_CLASS_MAPPINGS.items()
              if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == f"custom_nodes.{folder}"}
-    assert "FastComposerLoader" in found and "AddSubject" in found, sorted(found)
+    assert "SubjectPersonalization_FastComposerLoader" in found and "SubjectPersonalization_AddSubject" in found, sorted(found)
     return found
 
 
@@ -78,7 +81,7 @@ def node_problems(name: str, cls, display_names: dict) -> list[str]:
 
 
 def test_the_pack_registers_the_nodes_of_its_registry(pack_nodes):
-    registry = sys.modules[pack_nodes["AddSubject"].__module__.rsplit(".", 2)[0]].NODE_CLASS_MAPPINGS  # the pack's root
+    registry = sys.modules[pack_nodes["SubjectPersonalization_AddSubject"].__module__.rsplit(".", 2)[0]].NODE_CLASS_MAPPINGS  # the pack's root
     assert set(pack_nodes) == set(registry)
 
 
@@ -98,6 +101,33 @@ def test_the_graph_editor_receives_them_from_object_info(pack_nodes, object_info
                 assert spec[1]["tooltip"].strip(), f"{name}.{input_name}"
         assert info["output_name"] == list(cls.RETURN_NAMES) and info["output"] == list(cls.RETURN_TYPES)
         assert info["output_tooltips"] == list(cls.OUTPUT_TOOLTIPS), name
+
+
+def test_every_node_id_follows_the_naming_rule_and_every_category_is_title_case(pack_nodes):
+    """ComfyUI keeps one class per id and the pack loaded last wins: a generic id (AddSubject) can be taken from under
+    the pack's workflows by another pack, so every id carries the pack's prefix."""
+    assert [name for name in pack_nodes if not NODE_ID.match(name)] == []
+    for name, cls in pack_nodes.items():
+        parts = cls.CATEGORY.split("/")
+        assert parts[0] == PACK_CATEGORY and all(TITLE_CASE_WORD.match(word) for part in parts for word in part.split()), \
+            f"{name}: category {cls.CATEGORY!r}"
+
+
+def test_every_node_can_be_found_by_the_words_users_type(pack_nodes, object_info):
+    """Where the running ComfyUI lists search aliases (0.33.0), each node has the pack's words and its own; an older
+    one (0.8.0) does not send the field and loads the same classes."""
+    listed = [name for name in pack_nodes if "search_aliases" in object_info[name]]
+    newest = comfyui_version(require_comfyui()) == TESTED_VERSIONS[-1]
+    assert listed == (list(pack_nodes) if newest else []), listed
+    face_nodes = {"PrepareFace", "NestedAttentionIPAdapterLoader", "NestedAttentionSubject", "ApplyNestedAttention"}
+    for name in listed:
+        cls = pack_nodes[name]
+        aliases = object_info[name]["search_aliases"]
+        assert aliases == cls.SEARCH_ALIASES and {"personalize", "subject", "identity"} <= set(aliases), name
+        if name.removeprefix("SubjectPersonalization_") in face_nodes:
+            assert "face" in aliases, name
+        if "IPAdapter" in name:
+            assert "ip-adapter" in aliases and "ipadapter" in aliases, name
 
 
 @pytest.mark.parametrize("path", sorted((PACK_ROOT / "workflows").glob("*.json")), ids=lambda path: path.name)

@@ -51,7 +51,7 @@ def test_the_workflow_names_the_sdxl_base_and_the_official_checkpoint(official_s
     values = {node["type"]: node["widgets_values"] for node in workflow["nodes"]}
     base, official = official_sdxl_files
     assert values["CheckpointLoaderSimple"] == [base.name]
-    assert values["NestedAttentionOfficialLoader"][0] == official.name
+    assert values["SubjectPersonalization_NestedAttentionOfficialLoader"][0] == official.name
     assert values["EmptyLatentImage"][:2] == [1024, 1024]
 
 

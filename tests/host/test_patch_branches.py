@@ -33,9 +33,9 @@ def conditionings(fastcomposer_models, node):
             with torch.no_grad():  # a fresh adapter starts at the base model: make the subject visible
                 adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
             image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(seed))
-            (subjects,) = node("NestedAttentionSubject").encode(adapter, clip_vision, image, word, 1.0, 0.0, 1.0,
+            (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, clip_vision, image, word, 1.0, 0.0, 1.0,
                                                                 subjects=subjects)
-        (positive,) = node("NestedAttentionEncode").encode(clip, subjects, prompt)
+        (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, prompt)
         encoded[name] = (positive, negative)
     return encoded
 
@@ -60,10 +60,10 @@ def carried(model) -> object:
 def extension(name: str, conditionings, node):
     """The ways a patched MODEL is patched further in a graph: more subjects (another encode), or a recording."""
     if name == "recording":
-        return lambda model: node("RecordSubjectAttention").record(model, conditionings["person and dog"][0], "all",
+        return lambda model: node("SubjectPersonalization_RecordSubjectAttention").record(model, conditionings["person and dog"][0], "all",
                                                                    0.0, 1.0)
     strength = {"cat": 1.0, "cat at half strength": 0.5}[name]
-    return lambda model: (node("ApplyNestedAttention").apply(model, conditionings["cat"][0], strength, 0.0, 1.0)[0],
+    return lambda model: (node("SubjectPersonalization_ApplyNestedAttention").apply(model, conditionings["cat"][0], strength, 0.0, 1.0)[0],
                           None)
 
 
@@ -71,7 +71,7 @@ def extension(name: str, conditionings, node):
                          ids=["two different patches", "one patch extended two ways"])
 def test_branches_of_a_patched_model_leak_nothing_into_each_other(fastcomposer_models, conditionings, node, ways):
     def first_patch():
-        return node("ApplyNestedAttention").apply(fastcomposer_models[0], conditionings["person and dog"][0], 1.0,
+        return node("SubjectPersonalization_ApplyNestedAttention").apply(fastcomposer_models[0], conditionings["person and dog"][0], 1.0,
                                                   0.0, 1.0)[0]
 
     first = first_patch()

@@ -143,12 +143,12 @@ def build(name: str, branches: tuple[Branch, ...]) -> Graph:
         model = [checkpoint, 0]
         if branch.subjects:
             positive = [nested_encode(graph, clip, branch), 0]
-            model = [graph.add("ApplyNestedAttention", model=model, positive=positive, strength=branch.strength,
+            model = [graph.add("SubjectPersonalization_ApplyNestedAttention", model=model, positive=positive, strength=branch.strength,
                                start_percent=0.0, end_percent=1.0), 0]
         else:
             positive = [graph.add("CLIPTextEncode", clip=clip, text=branch.text), 0]
         if branch.record:
-            record = graph.add("RecordSubjectAttention", model=model, positive=positive, layers=branch.record,
+            record = graph.add("SubjectPersonalization_RecordSubjectAttention", model=model, positive=positive, layers=branch.record,
                                start_percent=0.0, end_percent=1.0)
             model = [record, 0]
         samples = graph.add("KSampler", model=model, positive=positive, negative=[negative, 0], latent_image=[latent, 0],
@@ -157,7 +157,7 @@ def build(name: str, branches: tuple[Branch, ...]) -> Graph:
         image = graph.add("VAEDecode", samples=[samples, 0], vae=vae)
         graph.add("SaveImage", f"image {index}", images=[image, 0], filename_prefix=f"{name}_{index}")
         if branch.record:
-            heatmap = graph.add("SubjectAttentionMaps", recording=[record, 1], image=[image, 0], opacity=0.6,
+            heatmap = graph.add("SubjectPersonalization_SubjectAttentionMaps", recording=[record, 1], image=[image, 0], opacity=0.6,
                                 mask_threshold=0.5)
             graph.add("PreviewImage", f"heatmap {index}", images=[heatmap, 0])
     return graph
@@ -168,17 +168,17 @@ def nested_encode(graph: Graph, clip: list, branch: Branch) -> str:
     vision = graph.add("CLIPVisionLoader", clip_name=VISION)
     subjects = None
     for subject in branch.subjects:
-        adapter = graph.add("NestedAttentionLoader", adapter=subject.adapter)
+        adapter = graph.add("SubjectPersonalization_NestedAttentionLoader", adapter=subject.adapter)
         photo = graph.add("LoadImage", image=subject.photo)
         inputs = {"subjects": [subjects, 0]} if subjects else {}
         if subject.region:
             left, top, right, bottom = subject.region
-            inputs["mask"] = [graph.add("SubjectRegionMask", width=SIZE, height=SIZE, left=left, top=top, right=right,
+            inputs["mask"] = [graph.add("SubjectPersonalization_SubjectRegionMask", width=SIZE, height=SIZE, left=left, top=top, right=right,
                                         bottom=bottom), 0]
-        subjects = graph.add("NestedAttentionSubject", nested_adapter=[adapter, 0], clip_vision=[vision, 0],
+        subjects = graph.add("SubjectPersonalization_NestedAttentionSubject", nested_adapter=[adapter, 0], clip_vision=[vision, 0],
                              image=[photo, 0], word=subject.word, weight=1.0, start_percent=0.0, end_percent=1.0,
                              mask_feather=0, **inputs)
-    return graph.add("NestedAttentionEncode", clip=clip, subjects=[subjects, 0], text=branch.text)
+    return graph.add("SubjectPersonalization_NestedAttentionEncode", clip=clip, subjects=[subjects, 0], text=branch.text)
 
 
 def session_server(base: Path, model_paths_config: Path):
@@ -350,7 +350,7 @@ def test_the_recording_of_a_later_prompt_holds_only_its_own_maps(session):
     assert not np.array_equal(fresh["person_recorded"].images["heatmap 0"],
                               fresh["person_recorded_seed_43"].images["heatmap 0"])
     (record_node,) = [node_id for node_id, node in build("person_recorded_seed_43", GRAPHS["person_recorded_seed_43"]).prompt.items()
-                      if node["class_type"] == "RecordSubjectAttention"]
+                      if node["class_type"] == "SubjectPersonalization_RecordSubjectAttention"]
     after_a_recording = [run for previous, run in zip(session.runs, session.runs[1:])
                          if run.name == "person_recorded_seed_43" and previous.name == "person_recorded"]
     assert len(after_a_recording) >= 2

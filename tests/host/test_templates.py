@@ -24,7 +24,7 @@ def test_every_workflow_has_its_card_picture():
 
 
 def test_the_template_browser_lists_the_workflows_and_gets_their_pictures(comfy):
-    folder = comfy.nodes.NODE_CLASS_MAPPINGS["FastComposerLoader"].RELATIVE_PYTHON_MODULE.removeprefix("custom_nodes.")
+    folder = comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_FastComposerLoader"].RELATIVE_PYTHON_MODULE.removeprefix("custom_nodes.")
     comfy._serve()
     assert sorted(comfy.get("/workflow_templates")[folder]) == [path.stem for path in WORKFLOWS]
     for path in WORKFLOWS:

@@ -15,13 +15,14 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from synthetic_photos import synthetic_subject  # noqa: E402
 
+from build_workflows import drawn_box  # noqa: E402
+
 from subject_personalization.tools.comfy_headless import small_and_quick  # noqa: E402
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 FAST_SIZE = 64   # image side used when executing, so a full-size SD1.5 UNet samples quickly on a CPU
 FAST_STEPS = 2
-TITLE_BAR = 30
 # Where to keep the attention-map previews the workflows produce (unset: not kept).
 ARTIFACTS = Path(os.environ["SUBJECT_TEST_ARTIFACTS"]) if os.environ.get("SUBJECT_TEST_ARTIFACTS") else None
 # The session fixture that puts in place each model file a workflow names (seeded random weights, real layouts).
@@ -37,8 +38,8 @@ MODEL_FILE_FIXTURES = {
 }
 # Run by test_official_sdxl_workflow.py instead, in a server in bf16: SDXL in float32 does not fit beside this session.
 SDXL_WORKFLOWS = {"nested_official_sdxl.json"}
-MODEL_LOADERS = {"FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "NestedAttentionIPAdapterLoader",
-                 "NestedAttentionOfficialLoader"}
+MODEL_LOADERS = {"SubjectPersonalization_FastComposerLoader", "CheckpointLoaderSimple", "CLIPVisionLoader", "SubjectPersonalization_NestedAttentionIPAdapterLoader",
+                 "SubjectPersonalization_NestedAttentionOfficialLoader"}
 
 
 def load(path):
@@ -95,9 +96,7 @@ def test_workflow_opens_in_the_graph_editor_format(path, comfy):
         assert link_id in nodes[source]["outputs"][source_slot]["links"]
         assert nodes[target]["inputs"][target_slot]["link"] == link_id
         assert nodes[source]["outputs"][source_slot]["type"] == kind
-    # as the editor draws them: the title bar TITLE_BAR px above pos
-    boxes = [(n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
-             for n in nodes.values()]
+    boxes = [drawn_box(node) for node in nodes.values()]  # the browser tier checks them as the editor draws them
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{path.name}: overlapping nodes"
@@ -157,3 +156,25 @@ def test_the_example_photos_never_overwrite_a_file_in_the_input_folder(comfy):
         assert (comfy.input_dir / "subject-personalization-camera.jpg").is_file()  # a missing one comes back
     finally:
         photo.write_bytes(shipped)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
+def test_a_workflow_saved_with_the_old_ids_upgrades_to_the_shipped_one(path, comfy, tmp_path):
+    """tools/upgrade_workflow.py: a 0.1.0 workflow (ids without the pack's prefix, in both formats) becomes the one
+    the pack ships, and every id it writes is a node ComfyUI registered."""
+    from upgrade_workflow import NODE_ID_PREFIX, OLD_IDS
+    assert {NODE_ID_PREFIX + name for name in OLD_IDS} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
+    shipped = path.read_text()
+    old = tmp_path / path.name
+    old.write_text(shipped.replace(f'"{NODE_ID_PREFIX}', '"'))
+    assert old.read_text() != shipped
+    subprocess.run([sys.executable, str(PACK_ROOT / "tools" / "upgrade_workflow.py"), str(old)], check=True,
+                   capture_output=True)
+    assert json.loads(old.with_suffix(".upgraded.json").read_text()) == json.loads(shipped)
+
+    prompt = comfy.workflow_to_prompt(json.loads(shipped))
+    old_prompt = tmp_path / "api.json"
+    old_prompt.write_text(json.dumps(prompt).replace(f'"{NODE_ID_PREFIX}', '"'))
+    subprocess.run([sys.executable, str(PACK_ROOT / "tools" / "upgrade_workflow.py"), str(old_prompt)], check=True,
+                   capture_output=True)
+    assert json.loads(old_prompt.with_suffix(".upgraded.json").read_text()) == prompt

@@ -1,4 +1,4 @@
-"""FastComposer's fusion written straight from METHODS.md §1, for float64 comparisons (no pack code)."""
+"""FastComposer's fusion written straight from docs/methods.md §1.3, for float64 comparisons (no pack code)."""
 import math
 
 import torch
