@@ -323,41 +323,37 @@ def align_face(image: torch.Tensor, landmarks: torch.Tensor, size: int = 512) ->
     return warp_affine(image, matrix, size)
 
 
-def _missing_model_message(name: str, folder: Path, missing: Sequence[str]) -> str:
-    files = INSIGHTFACE_MODEL_FILES.get(name)
-    expected = f"the files {', '.join(files)}" if files else "its .onnx files"
-    message = (
-        f"insightface model '{name}' not found: put {expected} in {folder}/ "
-        f"(missing: {', '.join(missing)}). antelopev2 and buffalo_l are the supported packs"
-    )
-    nested = folder / name
-    if nested.is_dir():  # the antelopev2 zip unpacks into a folder of the same name
-        message += f"; the files seem to be one folder too deep in {nested}/: move them up into {folder}/"
-    return message
+INSTALL_INSIGHTFACE = ("pip install insightface onnxruntime (or onnxruntime-gpu): insightface 2.x installs as a "
+                       "pure-Python wheel; 0.7.3, the release InstantID and PuLID name, builds a C++ extension and needs "
+                       "a compiler; both work with the pack")
 
 
-def load_face_analysis(model_root: str | Path, name: str = "antelopev2", providers: Sequence[str] | None = None, det_size: int = 640):
-    """An insightface FaceAnalysis (detection + recognition) from <model_root>/models/<name>/.
+def missing_model_files(folder: Path) -> list[str]:
+    """The files of the model pack in `folder` (named after the pack: antelopev2, buffalo_l) that are not there; for
+    another pack, ["*.onnx"] when the folder holds no ONNX file."""
+    files = INSIGHTFACE_MODEL_FILES.get(folder.name)
+    if files is None:
+        return [] if folder.is_dir() and any(folder.glob("*.onnx")) else ["*.onnx"]
+    return [file for file in files if not (folder / file).is_file()]
 
-    model_root is ComfyUI's models/insightface folder. The files are checked before importing
-    insightface, so a missing pack is named exactly and nothing is downloaded.
-    """
-    folder = Path(model_root) / "models" / name
-    if name in INSIGHTFACE_MODEL_FILES:
-        missing = [file for file in INSIGHTFACE_MODEL_FILES[name] if not (folder / file).is_file()]
-    else:
-        missing = [] if folder.is_dir() and any(folder.glob("*.onnx")) else ["*.onnx"]
+
+def load_face_analysis(folder: str | Path, providers: Sequence[str] | None = None, det_size: int = 640):
+    """An insightface FaceAnalysis (detection + recognition) from the model pack in `folder`
+    (.../antelopev2/ or .../buffalo_l/). The files are checked before insightface is imported, so a missing pack is
+    named exactly and nothing is downloaded. insightface 0.7.3 and 2.x both take the folder itself as the pack's name."""
+    folder = Path(folder).absolute()
+    missing = missing_model_files(folder)
     if missing:
-        raise FileNotFoundError(_missing_model_message(name, folder, missing))
+        raise FileNotFoundError(f"insightface model pack '{folder.name}' is incomplete in {folder}/ (missing: "
+                                f"{', '.join(missing)})")
     try:
         from insightface.app import FaceAnalysis  # lazy: optional dependency, only the face path needs it
     except ImportError as error:
-        raise ImportError(
-            f"the face path needs insightface, which could not be imported ({error}): "
-            "pip install insightface onnxruntime (or onnxruntime-gpu)"
-        ) from error
+        raise ImportError(f"the face path needs insightface, which could not be imported ({error}): "
+                          f"{INSTALL_INSIGHTFACE}") from error
     providers = list(providers) if providers else ["CPUExecutionProvider"]
-    analysis = FaceAnalysis(name=name, root=str(model_root), providers=providers, allowed_modules=["detection", "recognition"])
+    analysis = FaceAnalysis(name=str(folder), root=str(folder.parent), providers=providers,
+                            allowed_modules=["detection", "recognition"])
     analysis.prepare(ctx_id=0 if any("CUDA" in provider for provider in providers) else -1, det_size=(det_size, det_size))
     return analysis
 

@@ -22,8 +22,8 @@ register_pack()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostenv import REQUIRE_HOST  # noqa: E402
 
-# The tests of real parts: the host tier, and the real Python 3.10 that the pack must compile on.
-REQUIRED_IN_CI = ("host/", "core/test_python_versions.py")
+# The tests of real parts: the host tier, the real Python 3.10 that the pack must compile on, and insightface.
+REQUIRED_IN_CI = ("host/", "core/test_python_versions.py", "core/test_subject_preparation.py")
 _host_skips: list[str] = []
 
 

@@ -217,6 +217,21 @@ def region_mask(g, word, side, left, right):
 
 
 OFFICIAL_SDXL_FILE = "nested_attention_official_sdxl.safetensors"  # the authors' demo checkpoint, as the README names it
+# Each photo's face box (left, top, right, bottom as fractions; the photos are 384x384): what Prepare Face crops when
+# insightface or its model pack is missing. A face adapter was trained on face crops, not on whole photos.
+FACE_BOXES = {"subject-personalization-astronaut.jpg": (0.31, 0.04, 0.57, 0.37)}
+PHOTO_SIZE = 384
+
+
+def face_crop(g, word, file):
+    """Prepare Face on the photo, with the face's box for when insightface is not installed: (box node, crop node)."""
+    box = g.node("SubjectPersonalization_SubjectRegionMask", (340, 200), [PHOTO_SIZE, PHOTO_SIZE, *FACE_BOXES[file]],
+                 outputs=[("mask", "MASK")], title=f"Face box: {word}")
+    crop = g.node("SubjectPersonalization_PrepareFace", (340, 180), ["antelopev2", -1, 224],
+                  inputs=[("image", "IMAGE"), ("face_box", "MASK")], outputs=[("image", "IMAGE")],
+                  title=f"Face: {word}")
+    g.link(box, "mask", crop, "face_box")
+    return box, crop
 
 
 def adapter_loader(g, word, file):
@@ -247,16 +262,24 @@ def nested_attention(example):
                                  ("image", "IMAGE"), ("subjects", "SUBJECTS"), ("mask", "MASK")],
                          outputs=[("subjects", "SUBJECTS")], title=f"Subject: {word}")
         regions = [region_mask(g, word, side, left, right)] if example.regions else []
-        top = max(column(right_of(checkpoint), top, adapter, image), column(right_of(adapter), top, subject, *regions))
+        face = face_crop(g, word, file) if "face" in adapter_file else ()
+        bottom = column(right_of(checkpoint), top, adapter, image)
+        if face:
+            bottom = max(bottom, column(right_of(adapter), top, *face))
+        top = max(bottom, column(right_of(adapter, *face), top, subject, *regions))
         for region in regions:
             g.link(region, "mask", subject, "mask")
         g.link(checkpoint, "CLIP", adapter, "clip")
         g.link(adapter, "nested_adapter", subject, "nested_adapter")
         g.link(vision, "CLIP_VISION", subject, "clip_vision")
-        g.link(image, "IMAGE", subject, "image")
+        if face:
+            g.link(image, "IMAGE", face[1], "image")
+            g.link(face[1], "image", subject, "image")
+        else:
+            g.link(image, "IMAGE", subject, "image")
         if previous is not None:
             g.link(previous, "subjects", subject, "subjects")
-        members += [adapter, image, subject, *regions]
+        members += [adapter, image, *face, subject, *regions]
         previous = subject
     g.group("Subjects", SUBJECTS, *members)
     encode = g.node("SubjectPersonalization_NestedAttentionEncode", (420, 200), [example.prompt],

@@ -1,11 +1,11 @@
 """Every node of the pack executes through ComfyUI's own executor, and no tensor read from a file is edited in place.
 
-Two prompts (API format, queued over HTTP) hold every node of the pack but two, each feeding an output so that the
+Two prompts (API format, queued over HTTP) hold every node of the pack but one, each feeding an output so that the
 executor runs it: a Nested Attention graph (the pack's adapter file, an IP-Adapter Plus file and a freshly created
-adapter, three subjects, a mask and a prepared subject, the patch, a recording and its maps) and a FastComposer one
-(a subject list with regions, the masks' patch). The two others run elsewhere: Import Nested Attention Checkpoint
-needs an SDXL CLIP (test_official_sdxl_workflow runs it in a server in bf16), Prepare Face needs insightface, which
-this tier does not install (test_subject_composition checks its refusal).
+adapter, three subjects, a mask and a prepared subject, the patch, a recording and its maps, a face crop from its box)
+and a FastComposer one (a subject list with regions, the masks' patch). Import Nested Attention Checkpoint needs an
+SDXL CLIP: test_official_sdxl_workflow runs it in a server in bf16. Prepare Face runs here without a model pack (its
+box); test_faces.py runs it with insightface on stand-in packs.
 
 In place: on an NVIDIA GPU, ComfyUI 0.16 and later (DynamicVRAM) returns read-only memory-mapped tensors from
 comfy.utils.load_torch_file, and an in-place edit of one faults. On this CPU tier they are writable, so every tensor
@@ -23,8 +23,7 @@ from hostenv import require_comfyui
 
 require_comfyui()
 
-NOT_EXECUTED_HERE = {"SubjectPersonalization_NestedAttentionOfficialLoader": "needs an SDXL CLIP: test_official_sdxl_workflow.py",
-                     "SubjectPersonalization_PrepareFace": "needs insightface: test_subject_composition.py checks its refusal"}
+NOT_EXECUTED_HERE = {"SubjectPersonalization_NestedAttentionOfficialLoader": "needs an SDXL CLIP: test_official_sdxl_workflow.py"}
 PHOTO = "subject-personalization-astronaut.jpg"
 SAMPLE = {"seed": 0, "steps": 1, "cfg": 5.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
 
@@ -70,6 +69,9 @@ def nested_prompt() -> dict:
                "inputs": {"recording": ["15", 1], "image": ["18", 0], "opacity": 0.6, "mask_threshold": 0.5}},
         "21": {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}},
         "22": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+        "25": {"class_type": "SubjectPersonalization_PrepareFace",  # no model pack here: it crops the face box
+               "inputs": {"image": ["7", 0], "model": "antelopev2", "face_index": -1, "size": 224, "face_box": ["24", 0]}},
+        "26": {"class_type": "PreviewImage", "inputs": {"images": ["25", 0]}},
     }
 
 

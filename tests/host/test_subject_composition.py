@@ -219,22 +219,3 @@ def test_prepare_subject_crops_the_masked_subject_onto_a_plain_background(node):
     assert torch.equal(prepared[0, :, :10], torch.ones(60, 10, 3)) and torch.equal(mask[0, :, :10], torch.zeros(60, 10))
     with pytest.raises(ValueError, match="mask is 64x64 but the image is 160x120"):
         node("SubjectPersonalization_PrepareSubjectWithMask").prepare(photo, torch.ones(1, 64, 64), 60, 0.0, "white")
-
-
-def test_prepare_face_names_what_is_missing(comfy, node, monkeypatch):
-    import sys
-    from subject_personalization.encoders.subject_preparation import INSIGHTFACE_MODEL_FILES
-    with pytest.raises(FileNotFoundError, match=r"put the files .*scrfd_10g_bnkps\.onnx.* in .*insightface/models/antelopev2"):
-        node("SubjectPersonalization_PrepareFace").prepare(image(1), "antelopev2", -1, 512)
-    folder = comfy.model_dir("insightface") / "models" / "buffalo_l"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in INSIGHTFACE_MODEL_FILES["buffalo_l"]:
-        (folder / name).touch()
-    monkeypatch.setitem(sys.modules, "insightface", None)  # as on a machine without it, installed here or not
-    monkeypatch.setitem(sys.modules, "insightface.app", None)
-    try:
-        with pytest.raises(ImportError, match="pip install insightface onnxruntime"):
-            node("SubjectPersonalization_PrepareFace").prepare(image(1), "buffalo_l", -1, 512)
-    finally:
-        for name in INSIGHTFACE_MODEL_FILES["buffalo_l"]:
-            (folder / name).unlink()
