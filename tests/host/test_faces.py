@@ -17,6 +17,7 @@ from hostenv import require_comfyui
 require_comfyui()
 insightface = pytest.importorskip("insightface", reason="insightface is not installed (CI installs it)")
 from insightface.utils import face_align  # noqa: E402
+from build_workflows import FACE_BOXES, PHOTO_SIZE  # noqa: E402
 from insightface_models import detector_scale, write_model_pack  # noqa: E402
 
 PHOTO = "subject-personalization-astronaut.jpg"
@@ -33,8 +34,10 @@ def prompt(model: str, face_box: bool = False) -> dict:
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "face"}},
     }
     if face_box:  # the shipped workflows' box for this photo
+        left, top, right, bottom = FACE_BOXES[PHOTO]
         nodes["4"] = {"class_type": "SubjectPersonalization_SubjectRegionMask",
-                      "inputs": {"width": 384, "height": 384, "left": 0.31, "top": 0.04, "right": 0.57, "bottom": 0.37}}
+                      "inputs": {"width": PHOTO_SIZE, "height": PHOTO_SIZE, "left": left, "top": top, "right": right,
+                                 "bottom": bottom}}
         nodes["2"]["inputs"]["face_box"] = ["4", 0]
     return nodes
 
@@ -112,7 +115,7 @@ def test_without_a_model_pack_the_face_box_is_cropped_and_without_a_box_the_pack
     boxed = crop(comfy, prompt("antelopev2", face_box=True))
     # The glue: the box, square with a quarter of its size around it, the photo kept (the crop itself: core tier).
     prepare_with_mask = comfy.pack_module("encoders.subject_preparation").prepare_with_mask
-    box = comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_SubjectRegionMask"]().mask(384, 384, 0.31, 0.04, 0.57, 0.37)[0]
+    box = comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_SubjectRegionMask"]().mask(PHOTO_SIZE, PHOTO_SIZE, *FACE_BOXES[PHOTO])[0]
     expected = prepare_with_mask(torch.from_numpy(photo.copy()).float()[None] / 255, box, SIZE, 0.25, None)[0]
     assert np.abs(boxed.astype(int) - (expected[0].numpy() * 255).astype(int)).max() <= 1
     node = comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_PrepareFace"]()
