@@ -11,28 +11,37 @@ w_i is subject i's token weight, the pack's own reading of the authors' `special
 §2.5): exp(b) multiplies s_i's unnormalised attention, so w_i scales s_i's attention before the row is renormalised;
 w_i = 1 and no mask build no bias at all.
 
-Evaluation: sum_j a_qj v_j - lambda_i a_q,s_i v_s_i is plain attention with v_s_i scaled by
-(1 - lambda_i), so one SDPA call over values [(scaled) v | indicator of s_1..s_S | zero pad]
-gives both that sum and every a_q,s_i (the indicator channels; q and k get zero channels to
-match). One SDPA call per subject over its M tokens, on the batch rows that carry subjects,
-gives v*_i. No N x T matrix is built outside the attention kernel.
+Evaluation, in one of two exact ways, each with one attention call over all T keys and no N x T matrix outside it:
+- log-sum-exp (inference where torch's kernel returns it, attention/logsumexp.py): the call is plain attention and
+  also gives l_q = log sum_j exp(q.k_j / sqrt(d) + b_qj), so a_q,s_i = exp(q.k_s_i / sqrt(d) + b_q,s_i - l_q). Since
+  a softmax sums to 1, v*_iq - v_s_i = sum_m softmax_m(q.K~_im / sqrt(d)) (V~_im - v_s_i). Per batch row, one GEMM
+  over keys [K~_1 | .. | K~_S | k_s_1 .. k_s_S] gives every nested and subject logit, one softmax runs over each
+  subject's M tokens, times lambda_i a_q,s_i, and one GEMM adds the sum over i and m to the kernel's output in place.
+  The extra work is the nested products and S dot products per query.
+- indicator channels (autograd, other devices): sum_j a_qj v_j - lambda_i a_q,s_i v_s_i is plain attention with v_s_i
+  scaled by (1 - lambda_i), so the call runs over values [(scaled) v | indicator of s_1..s_S | zero pad], whose extra
+  output channels are the a_q,s_i (q and k get zero channels to match); one SDPA call per subject over its M tokens,
+  on the batch rows that carry subjects, gives v*_i.
 
 Subjects that change nothing (strength 0 or recording only, no mask, token weight 1) give plain attention bit for
 bit: the scale is SDPA's default for d, and when probabilities are asked for, the output is plain attention's own
-call, since the zero channels change the sizes of the kernel's GEMMs and with them the order in which they sum.
+call (the indicator channels change the sizes of the kernel's GEMMs, and with them the order in which they sum).
 
-token_index values are read on the host (validation, row selection): keep it on the CPU, where
-that costs no device sync; it is moved to q's device without blocking.
+token_index is read on the host once, when the binding is made (token_positions): keep it on the CPU, where that
+costs no device sync. A call reads nothing back from q's device, and its subject path traces into one graph under
+torch.compile (both shown by tests/core/test_subject_attention_compile.py).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .logsumexp import attention_with_logsumexp
 
 _HEAD_DIM_ALIGN = 8  # fused SDPA kernels need head dims that are multiples of 8
 
@@ -41,8 +50,8 @@ _HEAD_DIM_ALIGN = 8  # fused SDPA kernels need head dims that are multiples of 8
 class SubjectBinding:
     """One subject: which key token carries it in each batch row, and what it adds there.
 
-    token_index: (B,) integer; key position of the subject token s* per batch row, -1 where the
-        row does not carry the subject (uncond, other prompt).
+    token_index: (B,) integer tensor, or a tuple of B ints; key position of the subject token s* per batch row, -1
+        where the row does not carry the subject (uncond, other prompt). Read on the host once (token_positions).
     nested_keys, nested_values: (M, H*d) shared by all rows or (B, M, H*d) per row, already
         projected (K~ = E A_k, V~ = E A_v); None = no value replacement (masks/recording only).
     strength: lambda in v_s* <- v_s* + lambda (v*_q - v_s*); 0 reproduces the plain layer.
@@ -52,19 +61,27 @@ class SubjectBinding:
         before renormalisation; 1 changes nothing.
     """
 
-    token_index: Tensor
+    token_index: Tensor | tuple[int, ...]
     nested_keys: Tensor | None = None
     nested_values: Tensor | None = None
     strength: float = 1.0
     query_mask: Tensor | None = None
     token_weight: float = 1.0
+    token_positions: tuple[int, ...] = field(init=False, repr=False)  # token_index read once, on the host
 
     def __post_init__(self) -> None:
         index = self.token_index
-        if index.ndim != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        if isinstance(index, tuple) and all(isinstance(position, int) for position in index):
+            positions = index  # known on the host already: nothing is read back from a tensor (torch.compile-friendly)
+            object.__setattr__(self, "token_index", torch.tensor(positions, dtype=torch.int64))
+        elif isinstance(index, Tensor) and index.ndim == 1 and not (
+                index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
+            positions = tuple(index.tolist())
+        else:
             raise ValueError(
-                f"token_index must be a 1-D integer tensor (one key position per batch row, -1 for rows "
-                f"without the subject), got dtype {index.dtype} shape {tuple(index.shape)}")
+                f"token_index must be a 1-D integer tensor or a tuple of ints (one key position per batch row, -1 for "
+                f"rows without the subject), got {_describe(index)}")
+        object.__setattr__(self, "token_positions", positions)
         if (self.nested_keys is None) != (self.nested_values is None):
             raise ValueError("give nested_keys and nested_values together, or neither (masks/recording only)")
         if self.nested_keys is not None:
@@ -88,9 +105,15 @@ class SubjectBinding:
         return self.nested_keys is not None and self.strength != 0
 
 
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"dtype {value.dtype} shape {tuple(value.shape)}"
+    return repr(value)
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(..., L, H*d) -> (..., H, L, d), a view."""
-    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+    return x.view(*x.shape[:-1], heads, -1).transpose(-3, -2)  # view, not unflatten: a hot path, and the same view
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -125,7 +148,7 @@ def _check_subjects(subjects: Sequence[SubjectBinding], batch: int, queries: int
             raise ValueError(
                 f"subject {i}: token_index has {subject.token_index.shape[0]} entries for a batch of {batch}; "
                 f"give one per batch row (-1 where the row does not carry the subject)")
-        for row, token in enumerate(subject.token_index.tolist()):
+        for row, token in enumerate(subject.token_positions):
             if not -1 <= token < context:
                 raise ValueError(
                     f"subject {i}: token_index {token} in row {row} is outside the {context} key tokens; "
@@ -151,7 +174,7 @@ def _check_subjects(subjects: Sequence[SubjectBinding], batch: int, queries: int
 def _replaced_rows(subjects: Sequence[SubjectBinding]) -> slice:
     """Smallest slice of batch rows holding every row where some subject's value is replaced (a view, no gather)."""
     rows = [row for subject in subjects if subject.replaces_value
-            for row, token in enumerate(subject.token_index.tolist()) if token >= 0]
+            for row, token in enumerate(subject.token_positions) if token >= 0]
     return slice(min(rows), max(rows) + 1) if rows else slice(0, 0)
 
 
@@ -184,47 +207,140 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
         return (out, q.new_zeros(batch, 0, queries)) if return_subject_probs else out
     _check_subjects(subjects, batch, queries, context, width)
 
-    tokens = torch.stack([s.token_index for s in subjects], dim=-1).to(q.device, non_blocking=True)
-    is_subject = tokens.unsqueeze(1) == torch.arange(context, device=q.device).unsqueeze(-1)  # (B, T, S)
-    queries_h, keys_h, values_h = (x.unflatten(-1, (heads, head_dim)) for x in (q, k, v))  # (B, L, H, d)
-
-    scale = None  # per key token: 1 - lambda_i at s_i, so sum_j a_qj v_j already has -lambda_i a_q,s_i v_s_i
-    for i, subject in enumerate(subjects):
-        if subject.replaces_value:
-            term = is_subject[..., i].to(v.dtype) * subject.strength
-            scale = 1 - term if scale is None else scale - term
-    if scale is not None:
-        values_h = values_h * scale[..., None, None]
-
-    need_probs = return_subject_probs or scale is not None
-    if need_probs:  # indicator channels: the kernel's output there is a_q,s_i; q and k get zeros there (q.k unchanged)
-        extra = -(-(head_dim + len(subjects)) // _HEAD_DIM_ALIGN) * _HEAD_DIM_ALIGN - head_dim
-        indicator = F.pad(is_subject.to(v.dtype), (0, extra - len(subjects))).unsqueeze(2)
-        values_h = torch.cat([values_h, indicator.expand(-1, -1, heads, -1)], dim=-1)
-        queries_h, keys_h = _with_zero_channels(queries_h, extra), _with_zero_channels(keys_h, extra)
-
-    bias = None  # additive log-mask + log-weight on the subject columns only; None keeps the plain fast path
-    for i, subject in enumerate(subjects):
-        column = None  # (B or 1, N or 1, 1): this subject's logit bias per query
-        if subject.query_mask is not None:
-            column = subject.query_mask.to(q).clamp(0, 1).log().unsqueeze(-1)
-        if subject.token_weight != 1:
-            log_weight = math.log(subject.token_weight)
-            column = q.new_full((1, 1, 1), log_weight) if column is None else column + log_weight
+    queries_h, keys_h, values_h = (_split_heads(x, heads) for x in (q, k, v))  # (B, H, L, d), views
+    is_subject = None  # (B, T, S): subject i's token; built only where a vectorised form needs it
+    columns = [_logit_bias(subject, q) for subject in subjects]
+    bias = None  # the columns placed on the subject tokens, 0 elsewhere; None keeps the plain fast path
+    for i, column in enumerate(columns):
         if column is not None:
+            is_subject = _token_indicator(subjects, context, q.device) if is_subject is None else is_subject
             bias = torch.where(is_subject[:, None, :, i], column, 0.0 if bias is None else bias)
     if bias is not None:
         bias = bias.unsqueeze(1).expand(batch, 1, queries, context)  # (B, 1, N or 1, T) -> (B, 1, N, T)
 
     # SDPA's default scale for the unpadded d, computed as torch does (1.0 / sqrt(d) in double; d ** -0.5 may differ)
     default_scale = 1.0 / math.sqrt(head_dim)
-    out = F.scaled_dot_product_attention(queries_h.transpose(1, 2), keys_h.transpose(1, 2), values_h.transpose(1, 2),
-                                         attn_mask=bias, scale=default_scale).transpose(1, 2)  # (B, N, H, .)
-    if not need_probs:
-        return out.flatten(2)
+    replacing = any(subject.replaces_value for subject in subjects)
+    if not (return_subject_probs or replacing):  # masks and weights only: one call
+        return _merge_heads(F.scaled_dot_product_attention(queries_h, keys_h, values_h, attn_mask=bias,
+                                                           scale=default_scale))
+    differentiable = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+        q, k, v, *(t for s in subjects for t in (s.nested_keys, s.nested_values, s.query_mask))))
+    with_lse = attention_with_logsumexp(queries_h, keys_h, values_h, bias, default_scale, differentiable)
+    if with_lse is not None:
+        out, lse = with_lse
+        probs = _add_nested_values(out, lse, queries_h, keys_h, values_h, columns, default_scale, subjects,
+                                   return_subject_probs)
+        out = _merge_heads(out)
+    else:
+        is_subject = _token_indicator(subjects, context, q.device) if is_subject is None else is_subject
+        # v_s_i scaled by (1 - lambda_i), so that sum_j a_qj v_j already holds -lambda_i a_q,s_i v_s_i
+        scaled_values_h = _split_heads(_scaled_values(v, subjects), heads) if replacing else values_h
+        out, probs = _indicator_attention(q, queries_h, keys_h, scaled_values_h, bias, default_scale, is_subject,
+                                          subjects)
+    if not replacing and bias is None:  # recording only: plain attention's own call, every bit of it
+        out = plain_attention(q, k, v, heads)
+    return (out, probs) if return_subject_probs else out
+
+
+def _logit_bias(subject: SubjectBinding, like: Tensor) -> Tensor | None:
+    """log(query_mask) + log(token_weight) as (B or 1, N or 1, 1), to add to the logit of the subject's token."""
+    column = None
+    if subject.query_mask is not None:
+        column = subject.query_mask.to(like).clamp(0, 1).log().unsqueeze(-1)
+    if subject.token_weight != 1:
+        log_weight = math.log(subject.token_weight)
+        column = like.new_full((1, 1, 1), log_weight) if column is None else column + log_weight
+    return column
+
+
+def _token_indicator(subjects: Sequence[SubjectBinding], context: int, device: torch.device) -> Tensor:
+    """(B, T, S) bool: True at subject i's token in each row that carries it."""
+    tokens = torch.stack([s.token_index for s in subjects], dim=-1).to(device, non_blocking=True)
+    return tokens.unsqueeze(1) == torch.arange(context, device=device).unsqueeze(-1)
+
+
+def _scaled_values(v: Tensor, subjects: Sequence[SubjectBinding]) -> Tensor:
+    """v (B, T, H*d) with v_s_i times (1 - lambda_i) where subject i replaces its value."""
+    scaled = v.clone()
+    for subject in subjects:
+        if subject.replaces_value:
+            for row, position in enumerate(subject.token_positions):
+                if position >= 0:
+                    scaled[row, position].mul_(1 - subject.strength)
+    return scaled
+
+
+def _add_nested_values(out: Tensor, lse: Tensor, queries_h: Tensor, keys_h: Tensor, values_h: Tensor,
+                       columns: list[Tensor | None], scale: float, subjects: Sequence[SubjectBinding],
+                       return_probs: bool) -> Tensor | None:
+    """Adds sum_i lambda_i a_q,s_i (v*_iq - v_s_i) to plain attention's out (B, H, N, d) in place; returns a_q,s_i
+    averaged over heads, (B, S, N), when asked. a_q,s_i = exp(scale q.k_s_i + b_q,s_i - lse_q), with lse (B, H, N)
+    from the call that gave out; v*_iq - v_s_i = sum_m softmax_m(scale q.K~_im) (V~_im - v_s_i), since the
+    softmax sums to 1."""
+    heads = out.shape[1]
+    probs = out.new_zeros(out.shape[0], len(subjects), out.shape[2]) if return_probs else None
+    for row in range(out.shape[0]):  # rows differ in which subjects they carry, and where; an empty row costs nothing
+        present = [(i, subjects[i].token_positions[row]) for i in range(len(subjects))
+                   if subjects[i].token_positions[row] >= 0]
+        if not present:
+            continue
+        queries = queries_h[row]  # (H, N, d)
+        subject_keys = keys_h[row][:, [position for _, position in present]]  # (H, P, d)
+        # scale k_s.q - lse in one GEMM, as (H, P, N): the N queries on the long side (several times faster on the CPU
+        # than (H, N, P), and than appending k_s to the nested GEMM below, whose odd width slows it more)
+        attention = torch.baddbmm(_like(lse[row].unsqueeze(1), out), subject_keys, queries.transpose(1, 2), beta=-1,
+                                  alpha=scale)
+        for column, (i, _) in enumerate(present):
+            if columns[i] is not None:
+                attention[:, column] += columns[i][row if columns[i].shape[0] > 1 else 0, :, 0]
+        attention = attention.exp_()  # (H, P, N): a_q,s_i per head
+        if probs is not None:
+            for column, (i, _) in enumerate(present):
+                probs[row, i] = attention[:, column].mean(0)
+        replaced = [(column, subjects[i], position) for column, (i, position) in enumerate(present)
+                    if subjects[i].replaces_value]
+        if not replaced:
+            continue
+        weights = attention if len(replaced) == len(present) and all(s.strength == 1 for _, s, _ in replaced) else \
+            torch.stack([attention[:, column] * s.strength for column, s, _ in replaced], dim=1)  # (H, R, N)
+        nested_keys = [_heads_first(_like(_row_of(s.nested_keys, row), out), heads) for _, s, _ in replaced]
+        nested_values = _concat([_heads_first(_like(_row_of(s.nested_values, row), out), heads)
+                                 for _, s, _ in replaced])
+        subject_values = values_h[row][:, [position for _, _, position in replaced]]  # (H, R, d)
+        sizes = [keys.shape[1] for keys in nested_keys]
+        nested_logits = torch.bmm(queries, (_concat(nested_keys) * scale).transpose(1, 2))  # (H, N, sum M)
+        weights = weights.transpose(1, 2).contiguous().unsqueeze(-1)  # (H, N, R, 1): contiguous, a faster mul_
+        if len(set(sizes)) == 1:  # every subject at once: one softmax over each one's M tokens, one subtraction
+            nested = nested_logits.view(*nested_logits.shape[:-1], len(sizes), -1).softmax(-1).mul_(weights)
+            nested_values = nested_values.view(heads, len(sizes), sizes[0], -1) - subject_values.unsqueeze(2)
+            nested, nested_values = nested.flatten(-2), nested_values.flatten(1, 2)
+        else:
+            nested = torch.cat([part.softmax(-1) * weight for part, weight in
+                                zip(nested_logits.split(sizes, dim=-1), weights.unbind(2))], dim=-1)
+            nested_values = torch.cat([part - value for part, value in
+                                       zip(nested_values.split(sizes, dim=1), subject_values.split(1, dim=1))], dim=1)
+        out[row].baddbmm_(nested, nested_values)
+    return probs
+
+
+def _like(x: Tensor, reference: Tensor) -> Tensor:
+    """x on reference's device and in its dtype; x itself when it already is (no operator call)."""
+    return x if x.dtype == reference.dtype and x.device == reference.device else x.to(reference)
+
+
+def _indicator_attention(q: Tensor, queries_h: Tensor, keys_h: Tensor, values_h: Tensor, bias: Tensor | None,
+                         scale: float, is_subject: Tensor, subjects: Sequence[SubjectBinding]) -> tuple[Tensor, Tensor]:
+    """The output (B, N, H*d) and a_q,s_i averaged over heads (B, S, N), through indicator channels (any device,
+    differentiable). queries_h, keys_h, values_h are (B, H, L, d), values already scaled at the replaced tokens;
+    is_subject (B, T, S) marks each subject's token."""
+    batch, heads, queries, head_dim = queries_h.shape
+    extra = -(-(head_dim + len(subjects)) // _HEAD_DIM_ALIGN) * _HEAD_DIM_ALIGN - head_dim
+    indicator = F.pad(is_subject.to(values_h.dtype), (0, extra - len(subjects))).unsqueeze(1)  # (B, 1, T, e)
+    values_h = torch.cat([values_h, indicator.expand(-1, heads, -1, -1)], dim=-1)
+    queries_h, keys_h = _with_zero_channels(queries_h, extra), _with_zero_channels(keys_h, extra)
+    out = F.scaled_dot_product_attention(queries_h, keys_h, values_h, attn_mask=bias, scale=scale).transpose(1, 2)
     probs, out = out[..., head_dim:head_dim + len(subjects)], out[..., :head_dim]  # (B, N, H, S), (B, N, H, d)
-    if scale is None and bias is None:  # recording only: plain attention's own call; the padded one may differ in a bit
-        return plain_attention(q, k, v, heads), probs.mean(dim=2).transpose(1, 2)
     span = _replaced_rows(subjects)  # nested values only where some a_q,s_i can be nonzero (not uncond rows)
     blended = out[span]
     for i, subject in enumerate(subjects):
@@ -233,5 +349,19 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
             blended = torch.addcmul(blended, probs[span, ..., i:i + 1], _nested_values(q[span], keys, values, heads),
                                     value=subject.strength)
     out = blended if blended.shape[0] == batch else torch.cat([out[:span.start], blended, out[span.stop:]])
-    out = out.flatten(2)
-    return (out, probs.mean(dim=2).transpose(1, 2)) if return_subject_probs else out
+    return out.flatten(2), probs.mean(dim=2).transpose(1, 2)
+
+
+def _concat(parts: list[Tensor]) -> Tensor:
+    """torch.cat along dim 1, without a copy for a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _row_of(x: Tensor, row: int) -> Tensor:
+    """Row `row` of a (B, M, H*d) tensor; a shared (M, H*d) one as it is."""
+    return x[row] if x.ndim == 3 else x
+
+
+def _heads_first(x: Tensor, heads: int) -> Tensor:
+    """(M, H*d) -> (H, M, d), a view."""
+    return x.view(x.shape[0], heads, -1).transpose(0, 1)

@@ -2,8 +2,11 @@
 (512x512) and SDXL (1024x1024), each ratio beside its arithmetic limit; and the share of cross-attention in a whole
 UNet step, which turns the layer ratios into an estimate of the step ratio.
 
-    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cpu
-    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cuda
+    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cpu --before fa1365c --compile
+    python bench/bench_attention_layer.py --comfyui /path/to/ComfyUI --device cuda --dtype fp16 bf16
+
+--before REV adds the variants of the pack's attention/subject_attention.py as it was at git revision REV, run through
+the same node and timed in the same rounds: before and after in one run.
 
 Layer: the attn2 replacement that 'Apply Nested Attention' installs, taken from a patched MODEL and called with the
 extra_options its model wrapper builds, on seeded random q, k, v of one layer's shape; against ComfyUI's
@@ -12,24 +15,37 @@ sampler's usual batch: 2 rows, the subjects in the first) and 'cond' (1 row, eve
 1, 2 and 4 subjects with M = 16 nested tokens each. All variants of a shape are interleaved in rounds, the order
 rotated each round; the table gives the median and the interquartile range of the per-call time ratio.
 
-Arithmetic limit: the multiply-adds of the attention products, patched over unpatched, per call. A row with
-subjects runs q.k and a.v over head size d + e, where e >= S indicator channels pad d + S to a multiple of 8 (the
-kernel's output there is each subject token's attention weight), plus one nested attention over M tokens per
-subject; a row without subjects costs what it did. Softmax, masks and copies are not counted.
+Arithmetic limits: the multiply-adds of the attention products, patched over unpatched, per call, for each of the two
+formulations in attention/subject_attention.py. Both add one nested attention over M tokens per subject to a row with
+subjects. Indicator channels: that row's q.k and a.v run over head size d + e, where e >= S channels pad d + S to a
+multiple of 8. Log-sum-exp: that row's products stay those of plain attention, plus one q.k_s per subject. A row without
+subjects costs what it did. Softmax, masks and copies are not counted.
+
+Operators: the ATen operators one call dispatches (views included), counted with a TorchDispatchMode: for each
+variant, and for ComfyUI's attention beside them. They stand in for kernel launches until a GPU run exists.
+
+Compile (--compile): the replacement for one shape (SD1.5 1024 x 640, cond+uncond), 1 and 4 subjects: graph breaks
+found by torch._dynamo.explain, the time of a first torch.compile(fullgraph=True) call (inductor), and the compiled
+call's time against the eager one and ComfyUI's attention.
 
 Step: a real ComfyUI UNet (the family's own config, seeded random weights), one call as the sampler makes it
 (batch 2, cond + uncond), with a timing attn2 replacement on every layer: the share of the step spent in each
 layer shape's cross-attention. The estimated step ratio is 1 + sum over shapes of share x (layer ratio - 1).
 """
 import argparse
+import contextlib
 import gc
+import importlib.util
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (DTYPES, PROMPT_TOKENS, SUBJECT_POSITIONS, UNET_CONFIGS, HeadlessComfy,  # noqa: E402
@@ -48,13 +64,72 @@ STEP_SIZE = {"sd15": 512, "sdxl": 1024}
 HOST_WIDTH = 32
 
 
-def arithmetic_limit(queries: int, width: int, heads: int, subjects: int, rows: int, carried: int) -> float:
+def arithmetic_limit(queries: int, width: int, heads: int, subjects: int, rows: int, carried: int,
+                     formulation: str) -> float:
     """Multiply-adds of the patched attention products over the unpatched ones, for the whole batch."""
-    head_dim = width // heads
-    padded = -(-(head_dim + subjects) // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
     plain_row = 2 * queries * PROMPT_TOKENS * width
-    subject_row = 2 * queries * PROMPT_TOKENS * heads * padded + subjects * 2 * queries * NESTED_TOKENS * width
+    nested = subjects * 2 * queries * NESTED_TOKENS * width
+    if formulation == "indicator":
+        head_dim = width // heads
+        padded = -(-(head_dim + subjects) // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
+        subject_row = 2 * queries * PROMPT_TOKENS * heads * padded + nested
+    else:  # log-sum-exp: plain products, the nested attentions and one q.k_s per subject
+        subject_row = plain_row + nested + subjects * queries * width
     return (carried * subject_row + (rows - carried) * plain_row) / (rows * plain_row)
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the block (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_count(call) -> int:
+    with OperatorCount() as counter:
+        call()
+    return counter.count
+
+
+def formulation_at(revision: str):
+    """attention/subject_attention.py as it was at a git revision, loaded as a module of the pack."""
+    pack_root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(pack_root), "show", f"{revision}:attention/subject_attention.py"],
+                            check=True, capture_output=True, text=True).stdout
+    name = "subject_personalization.attention.subject_attention_before"
+    path = Path(tempfile.mkdtemp(prefix="bench_before_")) / "subject_attention_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def formulation_in_node(module):
+    """The node's replacement calls `module`'s SubjectBinding and subject_attention while the block runs."""
+    from subject_personalization.nodes import subject_patch
+
+    class Binding(module.SubjectBinding):  # the node now hands over host positions; older bindings took a tensor
+        def __init__(self, token_index, *args, **kwargs):
+            super().__init__(torch.as_tensor(token_index), *args, **kwargs)
+
+        @property
+        def token_positions(self) -> tuple[int, ...]:
+            return tuple(self.token_index.tolist())
+
+    saved = subject_patch.SubjectBinding, subject_patch.subject_attention
+    subject_patch.SubjectBinding, subject_patch.subject_attention = Binding, module.subject_attention
+    try:
+        yield
+    finally:
+        subject_patch.SubjectBinding, subject_patch.subject_attention = saved
 
 
 def host_model(family: str, device: torch.device, dtype: torch.dtype):
@@ -70,8 +145,10 @@ def host_model(family: str, device: torch.device, dtype: torch.dtype):
                                             offload_device=device)
 
 
-def layer_calls(model, family: str, block, side: int, width: int, heads: int, rows: int, device, dtype):
-    """{variant: call} for one layer shape and batch: ComfyUI's attention, and the patched replacement per count."""
+def layer_calls(model, family: str, block, side: int, width: int, heads: int, rows: int, device, dtype, before=None,
+                subject_counts=SUBJECT_COUNTS):
+    """{variant: call} for one layer shape and batch: ComfyUI's attention, and the patched replacement per count
+    (and per count with the `before` formulation, when given)."""
     from comfy.ldm.modules.attention import optimized_attention
     from subject_personalization.encoders.unet_layers import layer_key
     from subject_personalization.nodes.subject_patch import PatchedSubject, add_subject_patch
@@ -83,7 +160,7 @@ def layer_calls(model, family: str, block, side: int, width: int, heads: int, ro
     context = torch.randn(rows, PROMPT_TOKENS, UNET_CONFIGS[family]["context_dim"], generator=generator).to(device, dtype)
     cond_or_uncond = [0, 1][:rows]
     calls = {"unpatched": lambda: optimized_attention(q, k, v, heads)}
-    for count in SUBJECT_COUNTS:
+    for count in subject_counts:
         subjects = [PatchedSubject(signature=context[0, position].clone(), source=position, strength=1.0,
                                    nested={layer_key(block): tuple(
                                        torch.randn(NESTED_TOKENS, width, generator=generator).to(device, dtype)
@@ -102,42 +179,85 @@ def layer_calls(model, family: str, block, side: int, width: int, heads: int, ro
         extra_options = {**captured, "block": block[:2], "block_index": block[2], "n_heads": heads,
                          "dim_head": width // heads, "activations_shape": [rows, width, side, side]}
         replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
-        calls[f"{count} subject{'s' * (count > 1)}"] = (lambda replacement=replacement, options=extra_options:
-                                                       replacement(q, k, v, options))
+        name = f"{count} subject{'s' * (count > 1)}"
+        calls[name] = lambda replacement=replacement, options=extra_options: replacement(q, k, v, options)
+        if before is not None:
+            def before_call(replacement=replacement, options=extra_options):
+                with formulation_in_node(before):
+                    return replacement(q, k, v, options)
+            calls[f"{name}, before"] = before_call
     return calls
 
 
-def bench_layers(families, device, dtype, rounds: int) -> tuple[list[tuple], dict]:
-    """Rows of the layer table, and {(family, width, queries): {variant: median ratio}} for the 'cond+uncond' batch."""
-    rows, ratios = [], {}
+def bench_layers(families, device, dtype, rounds: int, before=None) -> tuple[list[tuple], dict, list[tuple]]:
+    """Rows of the layer table, {(family, width, queries): {variant: median ratio}} for the 'cond+uncond' batch, and
+    rows of the operator-count table."""
+    rows, ratios, operator_rows = [], {}, []
     for family in families:
         model = host_model(family, device, dtype)
         for layer_family, block, side, width, heads in LAYERS:
             if layer_family != family:
                 continue
             for batch, rows_in_batch in (("cond+uncond", 2), ("cond", 1)):
-                calls = layer_calls(model, family, block, side, width, heads, rows_in_batch, device, dtype)
+                calls = layer_calls(model, family, block, side, width, heads, rows_in_batch, device, dtype, before)
                 reference = calls["unpatched"]()
                 for name, call in calls.items():  # warm-up, and proof that every patched variant is live
                     if name != "unpatched" and torch.equal(call(), reference):
                         raise RuntimeError(f"{family} {block} {name}: the patched output equals the unpatched one")
-                names = list(calls)
+                shape = f"{side * side} x {width} ({heads} heads of {width // heads})"
+                operators = {name: operator_count(call) for name, call in calls.items()}
                 times = interleaved_times(calls, rounds, device)
                 plain = statistics.median(times["unpatched"])
-                for name in names[1:]:
-                    count = int(name.split()[0])
+                for count in SUBJECT_COUNTS:
+                    name = f"{count} subject{'s' * (count > 1)}"
+                    ratio = {variant: statistics.median(t / p for t, p in zip(times[variant], times["unpatched"]))
+                             for variant in (name, f"{name}, before") if variant in times}
                     per_round = sorted(t / p for t, p in zip(times[name], times["unpatched"]))
                     quartiles = statistics.quantiles(per_round, n=4)
-                    median = statistics.median(per_round)
-                    limit = arithmetic_limit(side * side, width, heads, count, rows_in_batch, 1)
-                    rows.append((family, f"{side * side} x {width} ({heads} heads of {width // heads})", batch, name,
-                                 f"{plain:.2f}", f"{statistics.median(times[name]):.2f}", f"{median:.3f}",
-                                 f"{quartiles[0]:.3f}-{quartiles[2]:.3f}", f"{limit:.3f}"))
+                    limits = [arithmetic_limit(side * side, width, heads, count, rows_in_batch, 1, formulation)
+                              for formulation in ("indicator", "logsumexp")]
+                    before_ratio = ratio.get(f"{name}, before")
+                    rows.append((family, shape, batch, name, f"{plain:.2f}", f"{statistics.median(times[name]):.2f}",
+                                 "-" if before_ratio is None else f"{before_ratio:.3f}", f"{ratio[name]:.3f}",
+                                 f"{quartiles[0]:.3f}-{quartiles[2]:.3f}", f"{limits[0]:.3f}", f"{limits[1]:.3f}",
+                                 f"{ratio[name] / limits[0]:.2f}", f"{ratio[name] / limits[1]:.2f}"))
+                    operator_rows.append((family, shape, batch, name, operators["unpatched"],
+                                          operators.get(f"{name}, before", "-"), operators[name]))
                     if batch == "cond+uncond":
-                        ratios.setdefault((family, width, side * side), {})[name] = median
+                        ratios.setdefault((family, width, side * side), {})[name] = ratio[name]
         del model
         gc.collect()
-    return rows, ratios
+    return rows, ratios, operator_rows
+
+
+def bench_compile(device, dtype, rounds: int) -> list[tuple]:
+    """Rows of the compile table: the replacement at SD1.5 1024 x 640, cond+uncond, traced and compiled."""
+    family, block, side, width, heads = LAYERS[1]
+    model = host_model(family, device, dtype)
+    table = []
+    for count in (1, 4):
+        calls = layer_calls(model, family, block, side, width, heads, 2, device, dtype, subject_counts=(count,))
+        name = f"{count} subject{'s' * (count > 1)}"
+        eager = calls[name]
+        explained = torch._dynamo.explain(eager)()
+        for reason in explained.break_reasons:
+            print(f"graph break, {name}: {reason.reason}", file=sys.stderr)
+        torch._dynamo.reset()
+        compiled_function = torch.compile(eager, fullgraph=True)
+        start = time.perf_counter()
+        with torch._inductor.config.patch(force_disable_caches=True):  # a cold compile, not one from an earlier run
+            compiled_out = compiled_function()
+        compile_seconds = time.perf_counter() - start
+        difference = (compiled_out.double() - eager().double()).abs().max().item()
+        times = interleaved_times({"unpatched": calls["unpatched"], "eager": eager, "compiled": compiled_function},
+                                  rounds, device)
+        ratio = {variant: statistics.median(t / p for t, p in zip(times[variant], times["unpatched"]))
+                 for variant in ("eager", "compiled")}
+        table.append((family, f"{side * side} x {width}", "cond+uncond", name, explained.graph_break_count,
+                      explained.graph_count, f"{compile_seconds:.1f}", f"{ratio['eager']:.3f}",
+                      f"{ratio['compiled']:.3f}", f"{difference:.1e}"))
+        torch._dynamo.reset()
+    return table
 
 
 def bench_step_share(family: str, size: int, device, dtype, rounds: int) -> dict:
@@ -180,8 +300,11 @@ def bench_step_share(family: str, size: int, device, dtype, rounds: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_machine_arguments(parser)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES),
+                        help="one table per dtype (default: fp16 on GPU, fp32 on CPU); on a GPU: --dtype fp16 bf16")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per layer shape (default 40)")
+    parser.add_argument("--before", metavar="REV", help="also time the formulation at this git revision, same rounds")
+    parser.add_argument("--compile", action="store_true", help="also trace and compile the replacement (inductor)")
     parser.add_argument("--step-rounds", type=int, default=3, help="timed UNet steps for the share (default 3)")
     parser.add_argument("--step-families", nargs="*", choices=("sd15", "sdxl"),
                         help="families whose whole-step share is measured (default: GPU sd15 sdxl; CPU sd15: SDXL at "
@@ -189,23 +312,35 @@ def main() -> None:
     args = parser.parse_args()
     device = chosen_device(parser, args)
     on_gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")]
+    dtypes = [DTYPES[name] for name in (args.dtype or ["fp16" if on_gpu else "fp32"])]
     step_families = args.step_families if args.step_families is not None else (["sd15", "sdxl"] if on_gpu else ["sd15"])
 
     with tempfile.TemporaryDirectory(prefix="bench_attention_layer_") as scratch:
         HeadlessComfy(args.comfyui, scratch, extra_args=("--use-pytorch-cross-attention",), cpu=not on_gpu)
         register_pack()
         from comfyui_version import __version__ as comfyui_version
-        with torch.inference_mode():
-            layer_rows, ratios = bench_layers(("sd15", "sdxl"), device, dtype, args.rounds)
-            shares = {family: bench_step_share(family, STEP_SIZE[family], device, dtype, args.step_rounds)
-                      for family in step_families}
+        before = formulation_at(args.before) if args.before else None
+        hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+        for dtype in dtypes:
+            with torch.inference_mode():
+                layer_rows, ratios, operator_rows = bench_layers(("sd15", "sdxl"), device, dtype, args.rounds, before)
+                shares = {family: bench_step_share(family, STEP_SIZE[family], device, dtype, args.step_rounds)
+                          for family in step_families}
+            compile_rows = bench_compile(device, dtype, args.rounds) if args.compile else []
+            print_tables(f"{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version} "
+                         f"(--use-pytorch-cross-attention); {str(dtype).removeprefix('torch.')}; M = {NESTED_TOKENS}; "
+                         f"{args.rounds} interleaved rounds" + (f"; before = {args.before}" if before else ""),
+                         layer_rows, ratios, operator_rows, shares, compile_rows)
 
-    hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version} (--use-pytorch-cross-attention); "
-          f"{str(dtype).removeprefix('torch.')}; M = {NESTED_TOKENS}; {args.rounds} interleaved rounds\n")
+
+def print_tables(title: str, layer_rows, ratios, operator_rows, shares, compile_rows) -> None:
+    print(f"\n{title}\n")
     print(markdown_table(("model", "queries x width", "batch", "variant", "unpatched ms", "patched ms",
-                          "x unpatched (median)", "interquartile", "arithmetic limit"), layer_rows))
+                          "x unpatched, before", "x unpatched", "interquartile", "limit, indicator",
+                          "limit, log-sum-exp", "/ indicator limit", "/ log-sum-exp limit"), layer_rows))
+    print()
+    print(markdown_table(("model", "queries x width", "batch", "variant", "operators, ComfyUI's attention",
+                          "operators, before", "operators"), operator_rows))
     step_rows = []
     for family, measured in shares.items():
         shape_shares = {shape: share for shape, share in measured.items() if shape != "step ms"}
@@ -214,9 +349,15 @@ def main() -> None:
             estimate = 1 + sum(share * (ratios[shape][name] - 1) for shape, share in shape_shares.items())
             step_rows.append((family, f"{STEP_SIZE[family]}x{STEP_SIZE[family]}", f"{measured['step ms']:.0f}",
                               f"{100 * sum(shape_shares.values()):.1f}%", name, f"{estimate:.3f}"))
-    print()
-    print(markdown_table(("model", "image", "unpatched step ms", "cross-attention share of the step", "variant",
-                          "estimated step ratio"), step_rows))
+    if step_rows:
+        print()
+        print(markdown_table(("model", "image", "unpatched step ms", "cross-attention share of the step", "variant",
+                              "estimated step ratio"), step_rows))
+    if compile_rows:
+        print()
+        print(markdown_table(("model", "queries x width", "batch", "variant", "graph breaks", "graphs",
+                              "first compiled call s", "eager x unpatched", "compiled x unpatched",
+                              "max |compiled - eager|"), compile_rows))
 
 
 if __name__ == "__main__":

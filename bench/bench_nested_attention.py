@@ -1,7 +1,7 @@
 """Nested Attention cost: UNet step time and peak memory without the patch and with 1, 2 and 4 subjects, side by
 side in one run, and the time to encode one subject (docs/methods.md §2.6, the cost model).
 
-    python bench/bench_nested_attention.py --comfyui /path/to/ComfyUI                       # GPU: the issue's setting
+    python bench/bench_nested_attention.py --comfyui /path/to/ComfyUI --dtype fp16 bf16     # GPU: the issue's setting
     python bench/bench_nested_attention.py --comfyui /path/to/ComfyUI --device cpu --family sd15 --size 256 --dtype fp32
 
 Targets (GPU, SD1.5 at 512x512 and SDXL at 1024x1024, batch 2, fp16): 1 subject <= 1.05x the unpatched step,
@@ -280,14 +280,15 @@ def main() -> None:
     parser.add_argument("--family", choices=("sd15", "sdxl", "both"), default="both")
     parser.add_argument("--size", type=int, help=f"image side in pixels, a multiple of 64 (default: GPU "
                         f"{GPU_SIZE['sd15']} for sd15 and {GPU_SIZE['sdxl']} for sdxl, CPU {CPU_SIZE})")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES),
+                        help="one table per dtype (default: fp16 on GPU, fp32 on CPU); on a GPU: --dtype fp16 bf16")
     parser.add_argument("--rounds", type=int, help="timed rounds over all variants (default: GPU 30, CPU 5)")
     args = parser.parse_args()
     if args.size is not None and (args.size <= 0 or args.size % 64):
         parser.error("--size must be a positive multiple of 64")
     device = chosen_device(parser, args)
     on_gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("fp16" if on_gpu else "fp32")]
+    dtypes = [DTYPES[name] for name in (args.dtype or ["fp16" if on_gpu else "fp32"])]
     rounds = args.rounds or (30 if on_gpu else 5)
     families = ("sd15", "sdxl") if args.family == "both" else (args.family,)
 
@@ -296,23 +297,25 @@ def main() -> None:
         register_pack()
         from comfyui_version import __version__ as comfyui_version
 
-        unet_rows, encode_rows = [], []
-        with torch.inference_mode():
-            for family in families:
-                encode_rows.append(bench_encoding(family, dtype, device))
-                gc.collect()
-                size = args.size or (GPU_SIZE[family] if on_gpu else CPU_SIZE)
-                unet_rows += bench_unet(family, size, dtype, device, rounds)
-                gc.collect()
-
-    hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    memory = "CUDA max_memory_allocated" if on_gpu else "process peak RSS (VmHWM), coarse"
-    print(f"\n{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version}; {str(dtype).removeprefix('torch.')}; "
-          f"batch 2 (cond + uncond); M = {NESTED_TOKENS} tokens per subject; {rounds} rounds, medians\n")
-    print(markdown_table(("model", "image", "variant", "ms/step (median)", "ms/step (min)", "x unpatched",
-                          f"peak MiB ({memory})", "peak vs unpatched (MiB)"), unet_rows))
-    print()
-    print(markdown_table(("model", "resampler (ms)", "projections (ms)", "encode one subject (ms)"), encode_rows))
+        hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+        memory = "CUDA max_memory_allocated" if on_gpu else "process peak RSS (VmHWM), coarse"
+        for dtype in dtypes:
+            unet_rows, encode_rows = [], []
+            with torch.inference_mode():
+                for family in families:
+                    encode_rows.append(bench_encoding(family, dtype, device))
+                    gc.collect()
+                    size = args.size or (GPU_SIZE[family] if on_gpu else CPU_SIZE)
+                    unet_rows += bench_unet(family, size, dtype, device, rounds)
+                    gc.collect()
+            print(f"\n{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version}; "
+                  f"{str(dtype).removeprefix('torch.')}; batch 2 (cond + uncond); M = {NESTED_TOKENS} tokens per "
+                  f"subject; {rounds} rounds, medians\n")
+            print(markdown_table(("model", "image", "variant", "ms/step (median)", "ms/step (min)", "x unpatched",
+                                  f"peak MiB ({memory})", "peak vs unpatched (MiB)"), unet_rows))
+            print()
+            print(markdown_table(("model", "resampler (ms)", "projections (ms)", "encode one subject (ms)"),
+                                 encode_rows))
 
 
 if __name__ == "__main__":

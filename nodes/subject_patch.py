@@ -24,6 +24,8 @@ attention-map recording (Record Subject Attention) all act in the same attention
 to a model already carrying the patch extends it (a subject already there is not added twice) instead of
 stacking a second one.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +181,7 @@ class SubjectAttentionPatch:
         for subject in self.subjects:
             if subject.active(sigma):
                 for token_index in find_subject_tokens(conditioning["c_crossattn"], args["cond_or_uncond"], subject.signature):
-                    found.append((subject, token_index.cpu()))  # once per step; layers read it on the host
+                    found.append((subject, tuple(token_index.tolist())))  # once per step: layers never read back
         if found:
             record = self.recording is not None and self.recording.active(sigma)
             options = {**conditioning.get("transformer_options", {}), self.options_key: (found, record)}
@@ -224,13 +226,17 @@ class SubjectAttentionPatch:
             heads = extra_options["n_heads"]
             if not bindings:
                 return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, heads)
-            rows = torch.stack([binding.token_index >= 0 for binding in bindings]).any(dim=0)
+            rows = [any(binding.token_positions[row] >= 0 for binding in bindings) for row in range(q.shape[0])]
             carried = _row_selection(rows)
-            carried_bindings = [_rows_of(binding, carried) for binding in bindings]
-            if not record:
-                subject_out = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings)
+            if all(rows):
+                carried_q, carried_k, carried_v, carried_bindings = q, k, v, bindings
             else:
-                subject_out, probs = subject_attention(q[carried], k[carried], v[carried], heads, carried_bindings,
+                carried_q, carried_k, carried_v = q[carried], k[carried], v[carried]
+                carried_bindings = [_rows_of(binding, carried) for binding in bindings]
+            if not record:
+                subject_out = subject_attention(carried_q, carried_k, carried_v, heads, carried_bindings)
+            else:
+                subject_out, probs = subject_attention(carried_q, carried_k, carried_v, heads, carried_bindings,
                                                        return_subject_probs=True)
                 self._record(probs, carried, sources, q.shape[0], extra_options)
             if previous is not None:  # another pack's replacement keeps its effect on every row; ours adds its difference
@@ -238,18 +244,22 @@ class SubjectAttentionPatch:
                 subject_out += out[carried] - optimized_attention(q[carried], k[carried], v[carried], heads)
                 out[carried] = subject_out
                 return out
-            if rows.all():
+            if all(rows):
                 return subject_out
             # Every row is attended once: the rows without an acting subject (the negative, other prompts) by ComfyUI's
             # own kernel, which gives them the unpatched bits wherever it is batch-invariant (SDPA; host tests).
-            others = _row_selection(~rows)
+            others = _row_selection([not carries for carries in rows])
+            others_out = optimized_attention(q[others], k[others], v[others], heads)
+            if isinstance(carried, slice) and isinstance(others, slice):  # e.g. cond then uncond: one copy of each
+                in_order = carried.start < others.start
+                return torch.cat([subject_out, others_out] if in_order else [others_out, subject_out])
             out = subject_out.new_empty((q.shape[0], *subject_out.shape[1:]))
             out[carried] = subject_out
-            out[others] = optimized_attention(q[others], k[others], v[others], heads)
+            out[others] = others_out
             return out
         return attn2
 
-    def _record(self, probs: torch.Tensor, carried: torch.Tensor, sources: list, batch: int, extra_options: dict):
+    def _record(self, probs: torch.Tensor, carried: slice | list[int], sources: list, batch: int, extra_options: dict):
         """Per recorded subject, its token's attention per image token, averaged over the positive chunks."""
         recorded = self.recording.sources
         height, width = extra_options["activations_shape"][-2:]
@@ -263,21 +273,23 @@ class SubjectAttentionPatch:
         self.recording.recorder.add(chunks[positive].mean(dim=0), height, width)
 
 
-def _row_selection(rows: torch.Tensor) -> slice | torch.Tensor:
-    """The batch rows where `rows` (B,) is true: a slice when they are consecutive (views, no copies), else indices."""
-    positions = rows.nonzero().flatten()
-    first, last = int(positions[0]), int(positions[-1])
+def _row_selection(rows: list[bool]) -> slice | list[int]:
+    """The batch rows where `rows` is true: a slice when they are consecutive (views, no copies), else their indices."""
+    positions = [row for row, selected in enumerate(rows) if selected]
+    first, last = positions[0], positions[-1]
     return slice(first, last + 1) if last - first + 1 == len(positions) else positions
 
 
-def _rows_of(binding: SubjectBinding, rows: slice | torch.Tensor) -> SubjectBinding:
+def _rows_of(binding: SubjectBinding, rows: slice | list[int]) -> SubjectBinding:
     """The binding restricted to some batch rows (per-row nested tensors and masks included)."""
     def take(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[rows] if isinstance(rows, slice) else tensor[rows.to(tensor.device)]
+        return tensor[rows]
 
     def per_row(tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
         is_per_row = tensor is not None and tensor.ndim == ndim and tensor.shape[0] == binding.token_index.shape[0]
         return take(tensor) if is_per_row else tensor
 
-    return SubjectBinding(take(binding.token_index), per_row(binding.nested_keys, 3), per_row(binding.nested_values, 3),
+    positions = binding.token_positions
+    taken = positions[rows] if isinstance(rows, slice) else tuple(positions[row] for row in rows)
+    return SubjectBinding(taken, per_row(binding.nested_keys, 3), per_row(binding.nested_values, 3),
                           binding.strength, per_row(binding.query_mask, 2), binding.token_weight)

@@ -3,8 +3,12 @@
 Per head: a_qj = e_qj / sum_j' e_qj' with e_qj = exp(q.k_j / sqrt(d)), times mask_q * w on the subject's column only
 (w: its token weight); v*_q = softmax_m(q.K~_m / sqrt(d)) V~_m; out_q = sum_j a_qj v_j + sum_i lambda_i a_q,s_i (v*_iq -
 v_s_i). The reference multiplies the exponentials; the code adds log(mask) + log(w) to the logits.
+
+Every test runs on both formulations of attention/subject_attention.py: log-sum-exp (what CPU inference uses) and
+indicator channels (autograd, other devices), with the same tolerances.
 """
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -12,10 +16,20 @@ import torch
 
 from subject_personalization.attention.subject_attention import SubjectBinding, plain_attention, subject_attention
 
+subject_attention_module = importlib.import_module("subject_personalization.attention.subject_attention")
+
 OUT_ATOL = 2e-5    # float32 attention of O(1) values over <= 4096 queries: rounding stays near 1e-6
 OUT_RTOL = 1e-4
 PROB_ATOL = 2e-6   # probabilities are in [0, 1]; float32 softmax error is a few ulps of 1
 SAME_ATOL = 1e-6   # the same float32 math through differently shaped SDPA calls (extended vs plain values)
+
+
+@pytest.fixture(autouse=True, params=["logsumexp", "indicator"])
+def formulation(request, monkeypatch):
+    """Which evaluation subject_attention takes: the indicator channels wherever no kernel returns lse."""
+    if request.param == "indicator":
+        monkeypatch.setattr(subject_attention_module, "attention_with_logsumexp", lambda *args: None)
+    return request.param
 
 
 def reference(q, k, v, heads, subjects):

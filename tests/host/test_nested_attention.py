@@ -230,6 +230,36 @@ def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastco
     torch.testing.assert_close(ours[1:].double(), (weights @ vh).transpose(1, 2).flatten(2)[1:], rtol=0, atol=REFERENCE_TOLERANCE)
 
 
+def test_the_patched_layer_reads_nothing_back_and_compiles_into_one_graph(fastcomposer_models, nested, node):
+    """The attn2 replacement itself, on one layer's real q, k, v and extra_options from a sampler-made call: with the
+    layer's tensors as FakeTensors (shapes, no data) it runs, so it reads nothing back from the model's device; and
+    torch._dynamo traces it, subject path included, into one graph without a break (ComfyUI's TorchCompileModel)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    block, captured = ("input", 4, 0), {}
+    patched = apply(node, fastcomposer_models[0], nested["positive"])
+    replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
+
+    def spy(q, k, v, extra_options):
+        captured.update(q=q, k=k, v=v, extra_options=extra_options)
+        return replacement(q, k, v, extra_options)
+
+    patched.set_model_attn2_replace(spy, *block)
+    run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])  # also fills the layer caches
+    q, k, v, extra_options = (captured[name] for name in ("q", "k", "v", "extra_options"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_q, fake_k, fake_v = (mode.from_tensor(x) for x in (q, k, v))
+    with mode, torch.no_grad():
+        assert replacement(fake_q, fake_k, fake_v, extra_options).shape == q.shape
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(replacement)(q, k, v, extra_options)
+        compiled = torch.compile(replacement, fullgraph=True, backend="eager")(q, k, v, extra_options)
+        eager = replacement(q, k, v, extra_options)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+    assert torch.equal(compiled, eager)
+
+
 def test_conditioning_without_subjects_is_refused(fastcomposer_models, nested, node):
     with pytest.raises(ValueError, match="binds no Nested Attention subject"):
         apply(node, fastcomposer_models[0], nested["negative"])
