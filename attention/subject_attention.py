@@ -15,7 +15,7 @@ Evaluation, in one of two exact ways, each with one attention call over all T ke
 - log-sum-exp (inference where torch's kernel returns it, attention/logsumexp.py): the call is plain attention and
   also gives l_q = log sum_j exp(q.k_j / sqrt(d) + b_qj), so a_q,s_i = exp(q.k_s_i / sqrt(d) + b_q,s_i - l_q). Since
   a softmax sums to 1, v*_iq - v_s_i = sum_m softmax_m(q.K~_im / sqrt(d)) (V~_im - v_s_i). Per batch row, one GEMM
-  over keys [K~_1 | .. | K~_S | k_s_1 .. k_s_S] gives every nested and subject logit, one softmax runs over each
+  gives every subject logit, one GEMM over keys [K~_1 | .. | K~_S] every nested logit, one softmax runs over each
   subject's M tokens, times lambda_i a_q,s_i, and one GEMM adds the sum over i and m to the kernel's output in place.
   The extra work is the nested products and S dot products per query.
 - indicator channels (autograd, other devices): sum_j a_qj v_j - lambda_i a_q,s_i v_s_i is plain attention with v_s_i
