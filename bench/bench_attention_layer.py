@@ -34,6 +34,7 @@ layer shape's cross-attention. The estimated step ratio is 1 + sum over shapes o
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import statistics
@@ -116,16 +117,19 @@ def formulation_in_node(module):
     """The node's replacement calls `module`'s SubjectBinding and subject_attention while the block runs."""
     from subject_personalization.nodes import subject_patch
 
-    class Binding(module.SubjectBinding):  # the node now hands over host positions; older bindings took a tensor
-        def __init__(self, token_index, *args, **kwargs):
-            super().__init__(torch.as_tensor(token_index), *args, **kwargs)
+    binding = module.SubjectBinding
+    if "token_positions" not in {field.name for field in dataclasses.fields(binding)}:
+        class Binding(binding):  # the node now hands over host positions; bindings before took a tensor only
+            def __init__(self, token_index, *args, **kwargs):
+                super().__init__(torch.as_tensor(token_index), *args, **kwargs)
 
-        @property
-        def token_positions(self) -> tuple[int, ...]:
-            return tuple(self.token_index.tolist())
+            @property
+            def token_positions(self) -> tuple[int, ...]:
+                return tuple(self.token_index.tolist())
+        binding = Binding
 
     saved = subject_patch.SubjectBinding, subject_patch.subject_attention
-    subject_patch.SubjectBinding, subject_patch.subject_attention = Binding, module.subject_attention
+    subject_patch.SubjectBinding, subject_patch.subject_attention = binding, module.subject_attention
     try:
         yield
     finally:
