@@ -305,21 +305,20 @@ def _add_nested_values(out: Tensor, lse: Tensor, queries_h: Tensor, keys_h: Tens
         weights = attention if len(replaced) == len(present) and all(s.strength == 1 for _, s, _ in replaced) else \
             torch.stack([attention[:, column] * s.strength for column, s, _ in replaced], dim=1)  # (H, R, N)
         nested_keys = [_heads_first(_like(_row_of(s.nested_keys, row), out), heads) for _, s, _ in replaced]
-        nested_values = _concat([_heads_first(_like(_row_of(s.nested_values, row), out), heads)
-                                 for _, s, _ in replaced])
+        value_parts = [_heads_first(_like(_row_of(s.nested_values, row), out), heads) for _, s, _ in replaced]
         subject_values = values_h[row][:, [position for _, _, position in replaced]]  # (H, R, d)
         sizes = [keys.shape[1] for keys in nested_keys]
         nested_logits = torch.bmm(queries, (_concat(nested_keys) * scale).transpose(1, 2))  # (H, N, sum M)
         weights = weights.transpose(1, 2).contiguous().unsqueeze(-1)  # (H, N, R, 1): contiguous, a faster mul_
         if len(set(sizes)) == 1:  # every subject at once: one softmax over each one's M tokens, one subtraction
             nested = nested_logits.view(*nested_logits.shape[:-1], len(sizes), -1).softmax(-1).mul_(weights)
-            nested_values = nested_values.view(heads, len(sizes), sizes[0], -1) - subject_values.unsqueeze(2)
+            nested_values = _concat(value_parts).view(heads, len(sizes), sizes[0], -1) - subject_values.unsqueeze(2)
             nested, nested_values = nested.flatten(-2), nested_values.flatten(1, 2)
         else:
             nested = torch.cat([part.softmax(-1) * weight for part, weight in
                                 zip(nested_logits.split(sizes, dim=-1), weights.unbind(2))], dim=-1)
-            nested_values = torch.cat([part - value for part, value in
-                                       zip(nested_values.split(sizes, dim=1), subject_values.split(1, dim=1))], dim=1)
+            nested_values = torch.cat([part - subject_values[:, column:column + 1]
+                                       for column, part in enumerate(value_parts)], dim=1)
         out[row].baddbmm_(nested, nested_values)
     return probs
 

@@ -51,7 +51,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (DTYPES, PROMPT_TOKENS, SUBJECT_POSITIONS, UNET_CONFIGS, HeadlessComfy,  # noqa: E402
                                     add_machine_arguments, build_unet, chosen_device, interleaved_times, markdown_table,
-                                    register_pack, step_inputs, synchronize, time_ms, unet_step)
+                                    register_pack, step_inputs, synchronize, time_ms, unet_step,
+                                    variant_name)
 
 NESTED_TOKENS = 16
 SUBJECT_COUNTS = (1, 2, 4)
@@ -97,13 +98,14 @@ def operator_count(call) -> int:
     return counter.count
 
 
-def formulation_at(revision: str):
-    """attention/subject_attention.py as it was at a git revision, loaded as a module of the pack."""
+def formulation_at(revision: str, folder: str):
+    """attention/subject_attention.py as it was at a git revision, written into folder and loaded as a module of the
+    pack."""
     pack_root = Path(__file__).resolve().parent.parent
     source = subprocess.run(["git", "-C", str(pack_root), "show", f"{revision}:attention/subject_attention.py"],
                             check=True, capture_output=True, text=True).stdout
     name = "subject_personalization.attention.subject_attention_before"
-    path = Path(tempfile.mkdtemp(prefix="bench_before_")) / "subject_attention_before.py"
+    path = Path(folder) / "subject_attention_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -183,7 +185,7 @@ def layer_calls(model, family: str, block, side: int, width: int, heads: int, ro
         extra_options = {**captured, "block": block[:2], "block_index": block[2], "n_heads": heads,
                          "dim_head": width // heads, "activations_shape": [rows, width, side, side]}
         replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
-        name = f"{count} subject{'s' * (count > 1)}"
+        name = variant_name(count)
         calls[name] = lambda replacement=replacement, options=extra_options: replacement(q, k, v, options)
         if before is not None:
             def before_call(replacement=replacement, options=extra_options):
@@ -213,7 +215,7 @@ def bench_layers(families, device, dtype, rounds: int, before=None) -> tuple[lis
                 times = interleaved_times(calls, rounds, device)
                 plain = statistics.median(times["unpatched"])
                 for count in SUBJECT_COUNTS:
-                    name = f"{count} subject{'s' * (count > 1)}"
+                    name = variant_name(count)
                     ratio = {variant: statistics.median(t / p for t, p in zip(times[variant], times["unpatched"]))
                              for variant in (name, f"{name}, before") if variant in times}
                     per_round = sorted(t / p for t, p in zip(times[name], times["unpatched"]))
@@ -241,7 +243,7 @@ def bench_compile(device, dtype, rounds: int) -> list[tuple]:
     table = []
     for count in (1, 4):
         calls = layer_calls(model, family, block, side, width, heads, 2, device, dtype, subject_counts=(count,))
-        name = f"{count} subject{'s' * (count > 1)}"
+        name = variant_name(count)
         eager = calls[name]
         explained = torch._dynamo.explain(eager)()
         for reason in explained.break_reasons:
@@ -323,7 +325,7 @@ def main() -> None:
         HeadlessComfy(args.comfyui, scratch, extra_args=("--use-pytorch-cross-attention",), cpu=not on_gpu)
         register_pack()
         from comfyui_version import __version__ as comfyui_version
-        before = formulation_at(args.before) if args.before else None
+        before = formulation_at(args.before, scratch) if args.before else None
         hardware = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
         for dtype in dtypes:
             with torch.inference_mode():
@@ -349,7 +351,7 @@ def print_tables(title: str, layer_rows, ratios, operator_rows, shares, compile_
     for family, measured in shares.items():
         shape_shares = {shape: share for shape, share in measured.items() if shape != "step ms"}
         for count in SUBJECT_COUNTS:
-            name = f"{count} subject{'s' * (count > 1)}"
+            name = variant_name(count)
             estimate = 1 + sum(share * (ratios[shape][name] - 1) for shape, share in shape_shares.items())
             step_rows.append((family, f"{STEP_SIZE[family]}x{STEP_SIZE[family]}", f"{measured['step ms']:.0f}",
                               f"{100 * sum(shape_shares.values()):.1f}%", name, f"{estimate:.3f}"))

@@ -209,7 +209,7 @@ def patched_variants(patcher, family: str, inputs: StepInputs, dtype: torch.dtyp
         for position in SUBJECT_POSITIONS[:max(SUBJECT_COUNTS)]]
     variants = {"unpatched": patcher}
     for count in SUBJECT_COUNTS:
-        variants[f"{count} subject{'s' * (count > 1)}"] = add_subject_patch(patcher, subjects[:count])
+        variants[variant_name(count)] = add_subject_patch(patcher, subjects[:count])
     return variants
 
 
@@ -267,6 +267,11 @@ def bench_encoding(family: str, dtype: torch.dtype, device: torch.device) -> tup
     resampler_ms = statistics.median(time_ms(resample, device) for _ in range(ENCODE_REPEATS))
     projections_ms = statistics.median(time_ms(project, device) for _ in range(ENCODE_REPEATS))
     return family, f"{resampler_ms:.1f}", f"{projections_ms:.1f}", f"{resampler_ms + projections_ms:.1f}"
+
+
+def variant_name(count: int) -> str:
+    """How every table of the benchmarks names a patched variant: '1 subject', '2 subjects'."""
+    return f"{count} subject{'s' * (count > 1)}"
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple]) -> str:

@@ -241,7 +241,7 @@ class SubjectAttentionPatch:
                 self._record(probs, carried, sources, q.shape[0], extra_options)
             if previous is not None:  # another pack's replacement keeps its effect on every row; ours adds its difference
                 out = previous(q, k, v, extra_options)
-                subject_out += out[carried] - optimized_attention(q[carried], k[carried], v[carried], heads)
+                subject_out += out[carried] - optimized_attention(carried_q, carried_k, carried_v, heads)
                 out[carried] = subject_out
                 return out
             if all(rows):
@@ -282,12 +282,9 @@ def _row_selection(rows: list[bool]) -> slice | list[int]:
 
 def _rows_of(binding: SubjectBinding, rows: slice | list[int]) -> SubjectBinding:
     """The binding restricted to some batch rows (per-row nested tensors and masks included)."""
-    def take(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[rows]
-
     def per_row(tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
         is_per_row = tensor is not None and tensor.ndim == ndim and tensor.shape[0] == binding.token_index.shape[0]
-        return take(tensor) if is_per_row else tensor
+        return tensor[rows] if is_per_row else tensor
 
     positions = binding.token_positions
     taken = positions[rows] if isinstance(rows, slice) else tuple(positions[row] for row in rows)
