@@ -26,6 +26,9 @@ Evaluation, in one of two exact ways, each with one attention call over all T ke
 Subjects that change nothing (strength 0 or recording only, no mask, token weight 1) give plain attention bit for
 bit: the scale is SDPA's default for d, and when probabilities are asked for, the output is plain attention's own
 call (the indicator channels change the sizes of the kernel's GEMMs, and with them the order in which they sum).
+Rows that carry no subject are plain attention of the whole batch bit for bit where the log-sum-exp formulation runs
+(their bias is zero, and nothing is added to them): keeps_rows_without_subjects_plain tells a caller when it may hand
+over a whole batch.
 
 token_index is read on the host once, when the binding is made (token_positions): keep it on the CPU, where that
 costs no device sync. A call reads nothing back from q's device, and its subject path traces into one graph under
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .logsumexp import attention_with_logsumexp
+from .logsumexp import attention_with_logsumexp, returns_logsumexp
 
 _HEAD_DIM_ALIGN = 8  # fused SDPA kernels need head dims that are multiples of 8
 
@@ -73,7 +76,6 @@ class SubjectBinding:
         index = self.token_index
         if isinstance(index, tuple) and all(isinstance(position, int) for position in index):
             positions = index  # known on the host already: nothing is read back from a tensor (torch.compile-friendly)
-            object.__setattr__(self, "token_index", torch.tensor(positions, dtype=torch.int64))
         elif isinstance(index, Tensor) and index.ndim == 1 and not (
                 index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
             positions = tuple(index.tolist())
@@ -144,9 +146,9 @@ def _check_layer(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
 def _check_subjects(subjects: Sequence[SubjectBinding], batch: int, queries: int, context: int, width: int) -> None:
     taken: list[dict[int, int]] = [{} for _ in range(batch)]  # per row: token -> subject using it
     for i, subject in enumerate(subjects):
-        if subject.token_index.shape[0] != batch:
+        if len(subject.token_positions) != batch:
             raise ValueError(
-                f"subject {i}: token_index has {subject.token_index.shape[0]} entries for a batch of {batch}; "
+                f"subject {i}: token_index has {len(subject.token_positions)} entries for a batch of {batch}; "
                 f"give one per batch row (-1 where the row does not carry the subject)")
         for row, token in enumerate(subject.token_positions):
             if not -1 <= token < context:
@@ -224,9 +226,8 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
     if not (return_subject_probs or replacing):  # masks and weights only: one call
         return _merge_heads(F.scaled_dot_product_attention(queries_h, keys_h, values_h, attn_mask=bias,
                                                            scale=default_scale))
-    differentiable = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
-        q, k, v, *(t for s in subjects for t in (s.nested_keys, s.nested_values, s.query_mask))))
-    with_lse = attention_with_logsumexp(queries_h, keys_h, values_h, bias, default_scale, differentiable)
+    with_lse = attention_with_logsumexp(queries_h, keys_h, values_h, bias, default_scale,
+                                        _needs_gradients(q, k, v, subjects))
     if with_lse is not None:
         out, lse = with_lse
         probs = _add_nested_values(out, lse, queries_h, keys_h, values_h, columns, default_scale, subjects,
@@ -243,6 +244,19 @@ def subject_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Seq
     return (out, probs) if return_subject_probs else out
 
 
+def keeps_rows_without_subjects_plain(q: Tensor, k: Tensor, v: Tensor, subjects: Sequence[SubjectBinding]) -> bool:
+    """Whether subject_attention(q, k, v, ..., subjects) gives every batch row that carries no subject the output
+    F.scaled_dot_product_attention gives it in the same batch, bit for bit: true where the log-sum-exp formulation runs
+    (its one kernel call is plain attention, and a zero bias changes no bit, tests/core/test_logsumexp.py), so a caller
+    may hand over the whole batch instead of attending those rows apart."""
+    return returns_logsumexp(q, _needs_gradients(q, k, v, subjects))
+
+
+def _needs_gradients(q: Tensor, k: Tensor, v: Tensor, subjects: Sequence[SubjectBinding]) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+        q, k, v, *(t for s in subjects for t in (s.nested_keys, s.nested_values, s.query_mask))))
+
+
 def _logit_bias(subject: SubjectBinding, like: Tensor) -> Tensor | None:
     """log(query_mask) + log(token_weight) as (B or 1, N or 1, 1), to add to the logit of the subject's token."""
     column = None
@@ -256,7 +270,7 @@ def _logit_bias(subject: SubjectBinding, like: Tensor) -> Tensor | None:
 
 def _token_indicator(subjects: Sequence[SubjectBinding], context: int, device: torch.device) -> Tensor:
     """(B, T, S) bool: True at subject i's token in each row that carries it."""
-    tokens = torch.stack([s.token_index for s in subjects], dim=-1).to(device, non_blocking=True)
+    tokens = torch.tensor([s.token_positions for s in subjects]).T.to(device, non_blocking=True)
     return tokens.unsqueeze(1) == torch.arange(context, device=device).unsqueeze(-1)
 
 
@@ -286,7 +300,7 @@ def _add_nested_values(out: Tensor, lse: Tensor, queries_h: Tensor, keys_h: Tens
         if not present:
             continue
         queries = queries_h[row]  # (H, N, d)
-        subject_keys = keys_h[row][:, [position for _, position in present]]  # (H, P, d)
+        subject_keys = _tokens(keys_h[row], [position for _, position in present])  # (H, P, d)
         # scale k_s.q - lse in one GEMM, as (H, P, N): the N queries on the long side (several times faster on the CPU
         # than (H, N, P), and than appending k_s to the nested GEMM below, whose odd width slows it more)
         attention = torch.baddbmm(_like(lse[row].unsqueeze(1), out), subject_keys, queries.transpose(1, 2), beta=-1,
@@ -306,12 +320,13 @@ def _add_nested_values(out: Tensor, lse: Tensor, queries_h: Tensor, keys_h: Tens
             torch.stack([attention[:, column] * s.strength for column, s, _ in replaced], dim=1)  # (H, R, N)
         nested_keys = [_heads_first(_like(_row_of(s.nested_keys, row), out), heads) for _, s, _ in replaced]
         value_parts = [_heads_first(_like(_row_of(s.nested_values, row), out), heads) for _, s, _ in replaced]
-        subject_values = values_h[row][:, [position for _, _, position in replaced]]  # (H, R, d)
+        subject_values = _tokens(values_h[row], [position for _, _, position in replaced])  # (H, R, d)
         sizes = [keys.shape[1] for keys in nested_keys]
         nested_logits = torch.bmm(queries, (_concat(nested_keys) * scale).transpose(1, 2))  # (H, N, sum M)
         weights = weights.transpose(1, 2).contiguous().unsqueeze(-1)  # (H, N, R, 1): contiguous, a faster mul_
         if len(set(sizes)) == 1:  # every subject at once: one softmax over each one's M tokens, one subtraction
-            nested = nested_logits.view(*nested_logits.shape[:-1], len(sizes), -1).softmax(-1).mul_(weights)
+            nested = nested_logits.view(*nested_logits.shape[:-1], len(sizes), -1)
+            nested = torch.softmax(nested, -1, out=nested).mul_(weights)  # in place: one (H, N, sum M) buffer, not two
             nested_values = _concat(value_parts).view(heads, len(sizes), sizes[0], -1) - subject_values.unsqueeze(2)
             nested, nested_values = nested.flatten(-2), nested_values.flatten(1, 2)
         else:
@@ -321,6 +336,15 @@ def _add_nested_values(out: Tensor, lse: Tensor, queries_h: Tensor, keys_h: Tens
                                        for column, part in enumerate(value_parts)], dim=1)
         out[row].baddbmm_(nested, nested_values)
     return probs
+
+
+def _tokens(x: Tensor, positions: list[int]) -> Tensor:
+    """x[:, positions] of an (H, T, d) tensor: a view where the positions are consecutive, else one stack of views (no
+    index tensor to build on the host)."""
+    first = positions[0]
+    if positions == list(range(first, first + len(positions))):
+        return x[:, first:first + len(positions)]
+    return torch.stack([x[:, position] for position in positions], dim=1)
 
 
 def _like(x: Tensor, reference: Tensor) -> Tensor:

@@ -22,7 +22,16 @@ multiple of 8. Log-sum-exp: that row's products stay those of plain attention, p
 subjects costs what it did. Softmax, masks and copies are not counted.
 
 Operators: the ATen operators one call dispatches (views included), counted with a TorchDispatchMode: for each
-variant, and for ComfyUI's attention beside them. They stand in for kernel launches until a GPU run exists.
+variant, and for ComfyUI's attention beside them. They stand in for kernel launches until a GPU run exists. Beside
+them, the minor page faults per call (first touches of memory the allocator has just mapped), after the timed rounds.
+
+Allocator (CPU): glibc's malloc serves a block above its mmap threshold from a fresh mapping, whose every 4 KiB page
+faults on first touch, and it moves that threshold, and trims the heap, by what was freed before. Timing one layer
+alone, that history differs between variants and between runs, so the same variant can fault thousands of times per
+call in one run and never in the next (the page-fault column shows it). The run therefore fixes the thresholds first
+(mallopt: mmap threshold 32 MiB, glibc's largest; trim threshold 1 GiB), so every variant allocates from a heap that is
+already mapped and the time is the operators', not where the allocator happened to put each block; --glibc-defaults
+leaves malloc as it is.
 
 Compile (--compile): the replacement for one shape (SD1.5 1024 x 640, cond+uncond), 1 and 4 subjects: graph breaks
 found by torch._dynamo.explain, the time of a first torch.compile(fullgraph=True) call (inductor), and the compiled
@@ -34,6 +43,7 @@ layer shape's cross-attention. The estimated step ratio is 1 + sum over shapes o
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import importlib.util
@@ -47,6 +57,11 @@ from pathlib import Path
 import torch
 import torch._inductor.config
 from torch.utils._python_dispatch import TorchDispatchMode
+
+try:
+    import resource  # page-fault counts: POSIX only
+except ImportError:
+    resource = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nested_attention import (DTYPES, PROMPT_TOKENS, SUBJECT_POSITIONS, UNET_CONFIGS, HeadlessComfy,  # noqa: E402
@@ -92,6 +107,27 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def page_faults_per_call(call, calls: int = 10) -> float | None:
+    """Minor page faults per call, averaged over `calls` calls: 0 when every allocation reuses mapped memory."""
+    if resource is None:
+        return None
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        call()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / calls
+
+
+def steady_heap() -> str:
+    """Fix glibc malloc's mmap and trim thresholds (see the docstring), and say what the run's allocator is."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(None)
+        fixed = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        fixed = False
+    return "malloc: mmap threshold 32 MiB, trim threshold 1 GiB" if fixed else "malloc: as the platform has it (no glibc mallopt)"
+
+
 def operator_count(call) -> int:
     with OperatorCount() as counter:
         call()
@@ -130,12 +166,17 @@ def formulation_in_node(module):
                 return tuple(self.token_index.tolist())
         binding = Binding
 
-    saved = subject_patch.SubjectBinding, subject_patch.subject_attention
-    subject_patch.SubjectBinding, subject_patch.subject_attention = binding, module.subject_attention
+    # a formulation without the predicate gets the whole batch only where every row carries a subject, as its node did
+    whole_batch = getattr(module, "keeps_rows_without_subjects_plain", lambda *args: False)
+    names = ("SubjectBinding", "subject_attention", "keeps_rows_without_subjects_plain")
+    saved = [getattr(subject_patch, name) for name in names]
+    for name, value in zip(names, (binding, module.subject_attention, whole_batch)):
+        setattr(subject_patch, name, value)
     try:
         yield
     finally:
-        subject_patch.SubjectBinding, subject_patch.subject_attention = saved
+        for name, value in zip(names, saved):
+            setattr(subject_patch, name, value)
 
 
 def host_model(family: str, device: torch.device, dtype: torch.dtype):
@@ -213,6 +254,7 @@ def bench_layers(families, device, dtype, rounds: int, before=None) -> tuple[lis
                 shape = f"{side * side} x {width} ({heads} heads of {width // heads})"
                 operators = {name: operator_count(call) for name, call in calls.items()}
                 times = interleaved_times(calls, rounds, device)
+                faults = {name: page_faults_per_call(call) for name, call in calls.items()}
                 plain = statistics.median(times["unpatched"])
                 for count in SUBJECT_COUNTS:
                     name = variant_name(count)
@@ -228,7 +270,9 @@ def bench_layers(families, device, dtype, rounds: int, before=None) -> tuple[lis
                                  f"{quartiles[0]:.3f}-{quartiles[2]:.3f}", f"{limits[0]:.3f}", f"{limits[1]:.3f}",
                                  f"{ratio[name] / limits[0]:.2f}", f"{ratio[name] / limits[1]:.2f}"))
                     operator_rows.append((family, shape, batch, name, operators["unpatched"],
-                                          operators.get(f"{name}, before", "-"), operators[name]))
+                                          operators.get(f"{name}, before", "-"), operators[name],
+                                          *("-" if faults.get(variant) is None else f"{faults[variant]:.0f}"
+                                            for variant in ("unpatched", f"{name}, before", name))))
                     if batch == "cond+uncond":
                         ratios.setdefault((family, width, side * side), {})[name] = ratio[name]
         del model
@@ -311,6 +355,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds per layer shape (default 40)")
     parser.add_argument("--before", metavar="REV", help="also time the formulation at this git revision, same rounds")
     parser.add_argument("--compile", action="store_true", help="also trace and compile the replacement (inductor)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave malloc's thresholds as they are (default: fixed, see above)")
     parser.add_argument("--step-rounds", type=int, default=3, help="timed UNet steps for the share (default 3)")
     parser.add_argument("--step-families", nargs="*", choices=("sd15", "sdxl"),
                         help="families whose whole-step share is measured (default: GPU sd15 sdxl; CPU sd15: SDXL at "
@@ -320,6 +366,7 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     dtypes = [DTYPES[name] for name in (args.dtype or ["fp16" if on_gpu else "fp32"])]
     step_families = args.step_families if args.step_families is not None else (["sd15", "sdxl"] if on_gpu else ["sd15"])
+    allocator = "malloc: glibc defaults" if args.glibc_defaults else steady_heap()
 
     with tempfile.TemporaryDirectory(prefix="bench_attention_layer_") as scratch:
         HeadlessComfy(args.comfyui, scratch, extra_args=("--use-pytorch-cross-attention",), cpu=not on_gpu)
@@ -335,7 +382,8 @@ def main() -> None:
             compile_rows = bench_compile(device, dtype, args.rounds) if args.compile else []
             print_tables(f"{hardware}; torch {torch.__version__}; ComfyUI {comfyui_version} "
                          f"(--use-pytorch-cross-attention); {str(dtype).removeprefix('torch.')}; M = {NESTED_TOKENS}; "
-                         f"{args.rounds} interleaved rounds" + (f"; before = {args.before}" if before else ""),
+                         f"{args.rounds} interleaved rounds; {allocator}"
+                         + (f"; before = {args.before}" if before else ""),
                          layer_rows, ratios, operator_rows, shares, compile_rows)
 
 
@@ -346,7 +394,8 @@ def print_tables(title: str, layer_rows, ratios, operator_rows, shares, compile_
                           "limit, log-sum-exp", "/ indicator limit", "/ log-sum-exp limit"), layer_rows))
     print()
     print(markdown_table(("model", "queries x width", "batch", "variant", "operators, ComfyUI's attention",
-                          "operators, before", "operators"), operator_rows))
+                          "operators, before", "operators", "page faults, ComfyUI's attention", "page faults, before",
+                          "page faults"), operator_rows))
     step_rows = []
     for family, measured in shares.items():
         shape_shares = {shape: share for shape, share in measured.items() if shape != "step ms"}

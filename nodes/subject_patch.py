@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 
 import comfy.patcher_extension
-from comfy.ldm.modules.attention import optimized_attention
+from comfy.ldm.modules.attention import attention_pytorch, optimized_attention
 
 from ..attention.attention_maps import AttentionMapRecorder
-from ..attention.subject_attention import SubjectBinding, subject_attention
+from ..attention.subject_attention import SubjectBinding, keeps_rows_without_subjects_plain, subject_attention
 from ..attention.subject_masks import check_mask_fits, layer_query_mask
 from ..encoders.unet_layers import cross_attention_layers
 from .base_model import model_family
@@ -225,12 +225,15 @@ class SubjectAttentionPatch:
                     sources.append(subject.source)
             heads = extra_options["n_heads"]
             if not bindings:
-                return previous(q, k, v, extra_options) if previous else optimized_attention(q, k, v, heads)
+                return previous(q, k, v, extra_options) if previous else host_attention(q, k, v, extra_options)
             rows = [any(binding.token_positions[row] >= 0 for binding in bindings) for row in range(q.shape[0])]
-            carried = _row_selection(rows)
-            if all(rows):
-                carried_q, carried_k, carried_v, carried_bindings = q, k, v, bindings
+            # one call over the whole batch where the rows without subjects get ComfyUI's own bits from it (its SDPA)
+            whole_batch = all(rows) or (previous is None and host_attention_is_sdpa(extra_options)
+                                        and keeps_rows_without_subjects_plain(q, k, v, bindings))
+            if whole_batch:
+                carried, carried_q, carried_k, carried_v, carried_bindings = slice(None), q, k, v, bindings
             else:
+                carried = _row_selection(rows)
                 carried_q, carried_k, carried_v = q[carried], k[carried], v[carried]
                 carried_bindings = [_rows_of(binding, carried) for binding in bindings]
             if not record:
@@ -241,15 +244,15 @@ class SubjectAttentionPatch:
                 self._record(probs, carried, sources, q.shape[0], extra_options)
             if previous is not None:  # another pack's replacement keeps its effect on every row; ours adds its difference
                 out = previous(q, k, v, extra_options)
-                subject_out += out[carried] - optimized_attention(carried_q, carried_k, carried_v, heads)
+                subject_out += out[carried] - host_attention(carried_q, carried_k, carried_v, extra_options)
                 out[carried] = subject_out
                 return out
-            if all(rows):
+            if whole_batch:
                 return subject_out
             # Every row is attended once: the rows without an acting subject (the negative, other prompts) by ComfyUI's
             # own kernel, which gives them the unpatched bits wherever it is batch-invariant (SDPA; host tests).
             others = _row_selection([not carries for carries in rows])
-            others_out = optimized_attention(q[others], k[others], v[others], heads)
+            others_out = host_attention(q[others], k[others], v[others], extra_options)
             if isinstance(carried, slice) and isinstance(others, slice):  # e.g. cond then uncond: one copy of each
                 in_order = carried.start < others.start
                 return torch.cat([subject_out, others_out] if in_order else [others_out, subject_out])
@@ -273,6 +276,19 @@ class SubjectAttentionPatch:
         self.recording.recorder.add(chunks[positive].mean(dim=0), height, width)
 
 
+def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """ComfyUI's attention for this layer, called as its own CrossAttention calls it: the attention backend a node
+    chose for this model (extra_options' override) included."""
+    return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                               transformer_options=extra_options)
+
+
+def host_attention_is_sdpa(extra_options: dict) -> bool:
+    """Whether host_attention runs torch's scaled_dot_product_attention: ComfyUI's pytorch attention, no backend
+    chosen for this model."""
+    return optimized_attention is attention_pytorch and "optimized_attention_override" not in extra_options
+
+
 def _row_selection(rows: list[bool]) -> slice | list[int]:
     """The batch rows where `rows` is true: a slice when they are consecutive (views, no copies), else their indices."""
     positions = [row for row, selected in enumerate(rows) if selected]
@@ -283,7 +299,7 @@ def _row_selection(rows: list[bool]) -> slice | list[int]:
 def _rows_of(binding: SubjectBinding, rows: slice | list[int]) -> SubjectBinding:
     """The binding restricted to some batch rows (per-row nested tensors and masks included)."""
     def per_row(tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-        is_per_row = tensor is not None and tensor.ndim == ndim and tensor.shape[0] == binding.token_index.shape[0]
+        is_per_row = tensor is not None and tensor.ndim == ndim and tensor.shape[0] == len(binding.token_positions)
         return tensor[rows] if is_per_row else tensor
 
     positions = binding.token_positions

@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from subject_personalization.attention.subject_attention import SubjectBinding, plain_attention, subject_attention
+from subject_personalization.attention.subject_attention import (SubjectBinding, keeps_rows_without_subjects_plain,
+                                                                  plain_attention, subject_attention)
 
 subject_attention_module = importlib.import_module("subject_personalization.attention.subject_attention")
 
@@ -29,6 +30,7 @@ def formulation(request, monkeypatch):
     """Which evaluation subject_attention takes: the indicator channels wherever no kernel returns lse."""
     if request.param == "indicator":
         monkeypatch.setattr(subject_attention_module, "attention_with_logsumexp", lambda *args: None)
+        monkeypatch.setattr(subject_attention_module, "returns_logsumexp", lambda *args: False)
     return request.param
 
 
@@ -215,6 +217,33 @@ def test_rows_without_subjects_equal_plain_attention(return_probs):
     plain = plain_attention(q, k, v, 5)
     torch.testing.assert_close(out[[0, 3]], plain[[0, 3]], atol=SAME_ATOL, rtol=0)
     assert (out[[1, 2]] - plain[[1, 2]]).abs().max() > 1e-3  # and the carried rows do change
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("queries, heads, head_dim", [(4096, 8, 40), (1024, 8, 80), (64, 8, 160), (2, 3, 24), (1, 2, 8)])
+@pytest.mark.parametrize("nested, mask, return_probs", [("mixed", "mixed", False), ("shared", "none", True),
+                                                        ("none", "hard", False)])
+def test_rows_without_subjects_keep_plain_attentions_bits_where_promised(formulation, dtype, queries, heads, head_dim,
+                                                                          nested, mask, return_probs):
+    """Where keeps_rows_without_subjects_plain says so (the log-sum-exp formulation), every row without a subject is
+    plain attention's own output for the whole batch, bit for bit, whatever the other rows' masks and weights; a
+    caller may then hand the whole batch over. The indicator formulation does not promise it."""
+    q, k, v, generator = make_layer(queries + head_dim, 3, queries, 77, heads, head_dim, dtype)
+    subjects = make_subjects(generator, 3, queries, 77, heads * head_dim, 2, carried_rows=[0], nested=nested,
+                             mask=mask, token_weights=(1.7, 1.0))
+    promised = keeps_rows_without_subjects_plain(q, k, v, subjects)
+    assert promised == (formulation == "logsumexp")
+    if promised:
+        result = subject_attention(q, k, v, heads, subjects, return_subject_probs=return_probs)
+        out = result[0] if return_probs else result
+        assert torch.equal(out[1:], plain_attention(q, k, v, heads)[1:])
+
+
+def test_rows_are_not_promised_plain_where_gradients_are_asked_for():
+    q, k, v, generator = make_layer(5, 2, 64, 77, 4, 16)
+    subjects = make_subjects(generator, 2, 64, 77, 64, 1, carried_rows=[0])
+    assert not keeps_rows_without_subjects_plain(q.requires_grad_(), k, v, subjects)
+    assert not keeps_rows_without_subjects_plain(*(x.detach().to("meta") for x in (q, k, v)), subjects)
 
 
 def test_no_subjects_is_plain_attention():

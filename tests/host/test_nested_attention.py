@@ -135,24 +135,30 @@ def test_subject_tokens_are_found_in_every_batch_layout(fastcomposer_models, nes
     torch.testing.assert_close(mixed[2], negative_alone[0], rtol=0, atol=LAYOUT_TOLERANCE)
 
 
-def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcomposer_models, nested, node,
+@pytest.mark.parametrize("kernel", ["ComfyUI's SDPA attention", "another kernel"])
+def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcomposer_models, nested, node, kernel,
                                                                        monkeypatch):
-    """cond + uncond in one batch: in every layer ComfyUI's kernel runs on the uncond row only and subject attention
-    on the cond row only, and the uncond row's output is the kernel's on the whole batch, bit for bit."""
+    """cond + uncond in one batch, in every layer: where ComfyUI attends with torch's SDPA (this tier's kernel), one
+    subject attention call takes both rows and no second kernel call is made; under another kernel (here ComfyUI's
+    SDPA wrapped, which the patch cannot see through), that kernel runs on the uncond row only and subject attention
+    on the cond row only. Either way the uncond row's output is the kernel's on the whole batch, bit for bit."""
     from comfy.ldm.modules.attention import optimized_attention
     subject_patch = subject_patch_module(node)
-    subject_attention = subject_patch.subject_attention
+    subject_attention, host_attention = subject_patch.subject_attention, subject_patch.host_attention
     kernel_rows, subject_rows, calls = [], [], []
 
-    def counted_kernel(q, k, v, heads, *args, **kwargs):
+    def counted_host_attention(q, *args, **kwargs):
         kernel_rows.append(q.shape[0])
-        return optimized_attention(q, k, v, heads, *args, **kwargs)
+        return host_attention(q, *args, **kwargs)
 
     def counted_subject_attention(q, *args, **kwargs):
         subject_rows.append(q.shape[0])
         return subject_attention(q, *args, **kwargs)
 
-    monkeypatch.setattr(subject_patch, "optimized_attention", counted_kernel)
+    if kernel == "another kernel":
+        monkeypatch.setattr(subject_patch, "optimized_attention",
+                            lambda q, k, v, heads, *args, **kwargs: optimized_attention(q, k, v, heads, *args, **kwargs))
+    monkeypatch.setattr(subject_patch, "host_attention", counted_host_attention)
     monkeypatch.setattr(subject_patch, "subject_attention", counted_subject_attention)
     patched = apply(node, fastcomposer_models[0], nested["positive"])
     for block, replacement in dict(patched.model_options["transformer_options"]["patches_replace"]["attn2"]).items():
@@ -162,9 +168,40 @@ def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcom
             return out
         patched.set_model_attn2_replace(spy, *block)
     run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])
-    assert kernel_rows == [1] * 16 and subject_rows == [1] * 16
+    if kernel == "another kernel":
+        assert kernel_rows == [1] * 16 and subject_rows == [1] * 16
+    else:
+        assert kernel_rows == [] and subject_rows == [2] * 16
     for q, k, v, heads, out in calls:
         assert torch.equal(out[1], optimized_attention(q, k, v, heads)[1])
+
+
+def test_an_attention_backend_chosen_for_the_model_attends_the_rows_without_subjects(fastcomposer_models, nested,
+                                                                                      node):
+    """A backend set on the model (core's ModelAttentionBackend node calls set_model_optimized_attention) is what
+    ComfyUI runs in every attention call: the patch keeps it for the uncond row and for calls without subjects."""
+    from comfy.ldm.modules.attention import attention_pytorch
+    model = fastcomposer_models[0].clone()
+    backend_rows = []
+
+    def backend(q, k, v, heads, *args, **kwargs):
+        backend_rows.append(q.shape[0])
+        return attention_pytorch(q, k, v, heads, *args, **kwargs)
+
+    if hasattr(model, "set_model_optimized_attention"):  # 0.33.0 has it, 0.8.0 not yet
+        model.set_model_optimized_attention(backend)
+    else:  # before: the key that optimized_attention reads, set directly
+        model.model_options["transformer_options"]["optimized_attention_override"] = \
+            lambda function, *args, **kwargs: backend(*args, **kwargs)
+    patched = apply(node, model, nested["positive"])
+    contexts = [nested["positive"][0][0], nested["negative"][0][0]]
+    out = run_wrapped(patched, contexts, [0, 1])
+    assert backend_rows.count(1) == 16  # each attn2's uncond row, by the backend (each attn1 takes both rows)
+    backend_rows.clear()
+    unpatched = run_wrapped(patched, [nested["negative"][0][0]] * 2, [1, 1])  # no subject anywhere
+    assert backend_rows == [2] * 32  # attn1 and attn2 of every block, each over the batch
+    torch.testing.assert_close(unpatched, run_plain(model, [nested["negative"][0][0]] * 2), rtol=0, atol=0)
+    assert not torch.equal(out[0], unpatched[0])
 
 
 REAL_SHAPES = [(4096, 320, 8), (1024, 640, 8), (256, 1280, 8), (64, 1280, 8),  # SD1.5 at 512x512
