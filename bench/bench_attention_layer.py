@@ -225,7 +225,7 @@ def layer_calls(model, family: str, block, side: int, width: int, heads: int, ro
             "c": {"c_crossattn": context, "transformer_options": {"cond_or_uncond": cond_or_uncond}}})
         extra_options = {**captured, "block": block[:2], "block_index": block[2], "n_heads": heads,
                          "dim_head": width // heads, "activations_shape": [rows, width, side, side]}
-        replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
+        replacement = captured["patches_replace"]["attn2"][block]  # what the patch puts into this call
         name = variant_name(count)
         calls[name] = lambda replacement=replacement, options=extra_options: replacement(q, k, v, options)
         if before is not None:

@@ -54,6 +54,22 @@ def looks_like_pickle(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # zip-based torch.save, or a raw pickle
 
 
+def weights_format(path: str | Path, fix: str = REPLACE_FILE) -> str:
+    """"safetensors" or "pickle", as the file's first bytes say, whatever its name; UnreadableFile when they say
+    neither. A safetensors header that does not fit the file is left to `read_safetensors_header` to describe."""
+    path = _existing(path, fix)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise UnreadableFile(path, "the file is empty (0 bytes)", fix)
+    if looks_like_pickle(path):
+        return "pickle"
+    if head[8:9] == b"{":
+        return "safetensors"
+    raise UnreadableFile(path, "it is neither safetensors (an 8-byte header length, then a JSON header) nor a PyTorch "
+                               "pickle (a zip archive or a raw pickle)", fix)
+
+
 def _existing(path: str | Path, fix: str) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -193,15 +209,21 @@ def flat_state_dict(value: object, grouped: bool = False) -> dict[str, torch.Ten
     return entries
 
 
-def read_state_dict(path: str | Path, fix: str = REPLACE_FILE, grouped: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, fix: str = REPLACE_FILE, grouped: bool = False,
+                    by_content: bool = False) -> dict[str, torch.Tensor]:
     """A flat tensor dict from .safetensors or a PyTorch pickle (memory-mapped, weights-only); `grouped`: a pickle may
-    also be a dict of dicts of tensors, flattened as `flat_state_dict` says."""
+    also be a dict of dicts of tensors, flattened as `flat_state_dict` says. Which of the two the file is: its suffix
+    says, or with `by_content` its first bytes (`weights_format`), whatever its name."""
     path = _existing(path, fix)
-    if path.suffix in SAFETENSORS_SUFFIXES:
-        return read_safetensors(path, fix)[1]
-    if path.suffix not in PICKLE_SUFFIXES:
+    if by_content:
+        is_safetensors = weights_format(path, fix) == "safetensors"
+    elif path.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        is_safetensors = path.suffix in SAFETENSORS_SUFFIXES
+    else:
         raise UnreadableFile(path, f"expected a .safetensors file or a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)}), "
                                    f"not {path.suffix or 'a file without extension'}", fix)
+    if is_safetensors:
+        return read_safetensors(path, fix)[1]
     value = read_pickle(path, fix, memory_map=True)
     try:
         return flat_state_dict(value, grouped)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_io import UnreadableFile, read_safetensors, read_safetensors_header, shape_differences
+from .checkpoint_io import UnreadableFile, read_safetensors, read_safetensors_header, shape_differences, weights_format
 from .nested_projections import NestedProjections
 from .subject_resampler import ResamplerConfig, SubjectResampler
 from .unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, check_family, cross_attention_layers
@@ -67,6 +67,10 @@ class NestedAdapter(nn.Module):
         self.special_token_weight = special_token_weight
         self.provenance = dict(provenance or {})
         self.name = name
+        # The one prompt word the subject token may replace, when a loader node took the word as an input: the token is
+        # that word's embedding, so it would draw that word in another's place. None: any word (a trained adapter's
+        # token learnt to stand in for its captions' subject words). Not saved with the adapter.
+        self.prompt_word: str | None = None
         # The family's attn2 layers; a UNet of the same layout but other widths (a small test UNet) gives its own.
         self.layers = cross_attention_layers(base_family) if layers is None else list(layers)
         if [layer.key for layer in self.layers] != [layer.key for layer in cross_attention_layers(base_family)]:
@@ -217,10 +221,11 @@ def _adapter_from(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], 
 
 
 def is_adapter_file(path: str | Path, fix: str) -> bool:
-    """Whether the file is one of this pack's adapters (a .safetensors with its format metadata); a .safetensors whose
-    header cannot be read is refused (UnreadableFile) with `fix`."""
-    path = Path(path)
-    return path.suffix == ".safetensors" and read_safetensors_header(path, fix).metadata.get("format") == FORMAT_NAME
+    """Whether the file is one of this pack's adapters (safetensors with its format metadata), as its content says
+    whatever its name: a pickle is not one; a file that is neither, or safetensors whose header cannot be read, is
+    refused (UnreadableFile) with `fix`."""
+    return weights_format(path, fix) == "safetensors" and \
+        read_safetensors_header(path, fix).metadata.get("format") == FORMAT_NAME
 
 
 def load_nested_adapter(path: str | Path) -> NestedAdapter:

@@ -10,8 +10,9 @@ the pack's assumption and nothing here is checked against the real file. Known: 
 resampler; a placeholder token added to both SDXL text encoders with its embedding copied from an initializer word (so
 the embedding need not be stored: the caller supplies it, or the command line reads it from the SDXL checkpoint).
 Accepted layouts, every plausible one, as one state dict:
-  - a .safetensors with flat keys, or a weights-only pickle that is a flat dict or a dict of dicts of tensors
-    ({"image_proj": {...}, "ip_adapter": {...}} is read as image_proj.<key>, ip_adapter.<key>);
+  - a safetensors file with flat keys, or a weights-only pickle that is a flat dict or a dict of dicts of tensors
+    ({"image_proj": {...}, "ip_adapter": {...}} is read as image_proj.<key>, ip_adapter.<key>); which of the two a
+    file is, its first bytes decide, not its name (a download renamed .safetensors may be a pickle);
   - the resampler in IP-Adapter's naming (ipadapter_plus.py lists it), under whatever prefix precedes `latents`,
     its attention width free (heads = attention width / 64), with IP-Adapter's optional `pos_emb` and
     `to_latents_from_mean_pooled_seq`; output = norm_out(proj_out(queries)), no base token;
@@ -27,11 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import UnreadableFile, flat_state_dict, listed_keys, read_safetensors, read_state_dict
+from .checkpoint_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, UnreadableFile, flat_state_dict, listed_keys,
+                            read_safetensors, read_state_dict)
 from .ipadapter_plus import ip_resampler_config, resampler_key
 from .nested_adapter import NestedAdapter, assembled_adapter, placeholder_state, save_nested_adapter
 from .unet_layers import from_diffusers_name, ip_adapter_layers, layer_key, layers_with_widths
 
+IMPORT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES  # the names a checkpoint is listed under; content decides
 IMPORT_FIX = ("give the official demo checkpoint (HF Space orpatashnik/NestedAttentionEncoder), copied or downloaded "
               "again if it was damaged")
 # A file that reads fine but fits no layout is most likely intact: the layouts are the pack's assumption.
@@ -108,10 +111,10 @@ def import_official_nested(state_dict: dict, initializer_word: str, initializer_
 
 def import_official_nested_file(path: str | Path, initializer_word: str, initializer_embeddings: dict[str, torch.Tensor],
                                 **options) -> NestedAdapter:
-    """`import_official_nested` on a file (safetensors, or a weights-only pickle), refused with the file's name; the
-    adapter is named after the file and records it in its provenance."""
+    """`import_official_nested` on a file (safetensors, or a weights-only pickle, as its content says whatever its
+    name), refused with the file's name; the adapter is named after the file and records it in its provenance."""
     path = Path(path)
-    state_dict = read_state_dict(path, IMPORT_FIX, grouped=True)
+    state_dict = read_state_dict(path, IMPORT_FIX, grouped=True, by_content=True)
     try:
         adapter = import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
     except ValueError as error:  # the one place the import's structural problems get the file's name and the fix
@@ -158,7 +161,8 @@ def comfyui_tokenizer_folder() -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Convert the official Nested Attention demo checkpoint (SDXL) into "
                                                  "this pack's adapter format (models/nested_attention).")
-    parser.add_argument("source", help="the official checkpoint (.safetensors, or a PyTorch pickle read weights-only)")
+    parser.add_argument("source", help="the official checkpoint: safetensors, or a PyTorch pickle read weights-only "
+                                        "(the file's content decides, not its suffix)")
     parser.add_argument("destination", nargs="?", help="output .safetensors (default: beside the source)")
     parser.add_argument("--base", required=True, help="the SDXL checkpoint (.safetensors) whose text encoders give the "
                                                       "initializer word's embeddings")

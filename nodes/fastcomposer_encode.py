@@ -99,8 +99,9 @@ class FastComposerEncode:
                    f"{SUBJECT_MARKER} right after it ('a man {SUBJECT_MARKER} and a woman {SUBJECT_MARKER}'), or list "
                    "the words in subject_words instead; subject 1 binds the first marked word, and so on. The subject "
                    "images are fused into those words. A subject list from 'Add Subject' binds its own words, and its "
-                   "masks act through 'Apply Subject Masks'. Use it as the positive conditioning; encode the negative "
-                   "prompt with an ordinary CLIP Text Encode.")
+                   "masks act through 'Apply Subject Masks' (the MODEL of 'Load FastComposer' refuses to sample a mask "
+                   "it does not apply). Use it as the positive conditioning; encode the negative prompt with an "
+                   "ordinary CLIP Text Encode.")
     CATEGORY = CATEGORY
     SEARCH_ALIASES = [*PERSONALIZATION_ALIASES, "fastcomposer", "prompt", "text encode", "multi-subject"]
     FUNCTION = "encode"

@@ -10,6 +10,7 @@ from ..encoders.checkpoint_io import UnreadableFile, read_state_dict
 from ..encoders.fastcomposer_checkpoint import FASTCOMPOSER_FIX, split_fastcomposer
 from ..encoders.fastcomposer_fusion import FastComposerFusion
 from .naming import FASTCOMPOSER_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .subject_regions import guard_subject_masks
 
 
 
@@ -22,6 +23,7 @@ def load_fastcomposer(path: str):
     if model is None:
         raise UnreadableFile(path, "ComfyUI did not recognise its UNet as SD1.5", FASTCOMPOSER_FIX)
     parts.unet = None
+    guard_subject_masks(model)  # a masked subject sampled without 'Apply Subject Masks' is refused, not ignored
     progress.update(1)
 
     # The release's text tower has no projection; identity makes ComfyUI's pooled output the reference's

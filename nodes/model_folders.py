@@ -3,9 +3,11 @@ import os
 
 import folder_paths
 
+from ..encoders.official_nested_import import IMPORT_SUFFIXES
+
 MODEL_FOLDERS = {
     "fastcomposer": {".bin", ".safetensors"},
-    "nested_attention": {".safetensors"},
+    "nested_attention": set(IMPORT_SUFFIXES),  # adapters (.safetensors), and the official checkpoint in any form
     "ipadapter": {".safetensors", ".bin"},  # IP-Adapter users' folder (IPAdapter_plus registers it too)
     "insightface": set(),
 }

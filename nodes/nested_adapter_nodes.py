@@ -14,20 +14,31 @@ HIDDEN_STATE_INDEX = {"penultimate": -2, "last": -1}  # as ComfyUI's CLIP encode
 
 VISION_MODELS = {"ViT-L/14": 1024, "ViT-H/14": 1280}
 DOMAINS = ["person", "pet", "object", "other"]
+ADAPTER_SUFFIX = ".safetensors"  # how adapters are saved, and the only suffix the adapter loader lists
 
 
-def initializer_vectors(clip, word: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The word's input embedding per text encoder, and its context vector when encoded on its own."""
-    tokens = clip.tokenize(word)
-    embeddings = {}
+def single_token_ids(clip, word: str) -> dict[str, int]:
+    """The word's token id per text encoder; ValueError unless it is one token in each."""
+    token_ids = {}
     for key, tokenizer in clip_tokenizers(clip).items():
         ids = tokenizer.tokenizer(word)["input_ids"][1:-1]
         if len(ids) != 1:
             raise ValueError(f"the initializer word {word!r} is {len(ids)} tokens for CLIP-{key.upper()}; choose a "
                              f"single-token word such as 'person', 'dog' or 'cat'")
-        encoder = getattr(clip.cond_stage_model, f"clip_{key}")
-        embeddings[key] = encoder.transformer.get_input_embeddings().weight[ids[0]].detach().float().cpu()
-    context, _ = clip.encode_from_tokens(tokens, return_pooled=True)
+        token_ids[key] = ids[0]
+    return token_ids
+
+
+def word_embeddings(clip, word: str) -> dict[str, torch.Tensor]:
+    """A single-token word's input embedding per text encoder (nothing is encoded)."""
+    return {key: getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight[token_id]
+            .detach().float().cpu() for key, token_id in single_token_ids(clip, word).items()}
+
+
+def initializer_vectors(clip, word: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The word's input embedding per text encoder, and its context vector when encoded on its own."""
+    embeddings = word_embeddings(clip, word)
+    context, _ = clip.encode_from_tokens(clip.tokenize(word), return_pooled=True)
     return embeddings, context[0, 1].float().cpu()  # position 1: the word right after the start token
 
 
@@ -76,8 +87,10 @@ class NestedAttentionLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"adapter": (folder_paths.get_filename_list("nested_attention"),
-                                         {"tooltip": "An adapter file from models/nested_attention."})}}
+        adapters = [name for name in folder_paths.get_filename_list("nested_attention")
+                    if name.lower().endswith(ADAPTER_SUFFIX)]  # the folder also holds the official checkpoint's pickles
+        return {"required": {"adapter": (adapters, {"tooltip": "An adapter file (.safetensors) from "
+                                                               "models/nested_attention."})}}
 
     def load(self, adapter: str):
         return ready(load_nested_adapter(folder_paths.get_full_path_or_raise("nested_attention", adapter)))
@@ -127,11 +140,11 @@ class NestedAttentionNewAdapter:
 def new_adapter_path(folder: str, filename: str, overwrite: bool) -> str:
     """<folder>/<filename>.safetensors, refused before anything is made if the name would leave the folder or, unless
     `overwrite`, is taken."""
-    name = filename.strip().removesuffix(".safetensors")
+    name = filename.strip().removesuffix(ADAPTER_SUFFIX)
     if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
         raise ValueError(f"filename {filename!r} is not a plain file name: the adapter is saved in {folder}; give a "
                          f"name without folders, such as 'my_subject_adapter'")
-    path = Path(folder) / f"{name}.safetensors"
+    path = Path(folder) / f"{name}{ADAPTER_SUFFIX}"
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists and overwrite is off: choose another filename, or turn overwrite on to "
                          f"replace it")

@@ -6,6 +6,7 @@ import torch
 from ..encoders.subject_prompt import mark_subject_words, prompt_with_sentinels, remove_sentinels
 from .base_model import clip_tokenizers
 from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
+from .nested_adapter_nodes import single_token_ids
 from .nested_subject import encode_subject_tokens
 from .subjects import BINDINGS_KEY
 
@@ -23,6 +24,26 @@ def bound_token_positions(clip, text: str, words: list[str]) -> tuple[dict, list
     return chunks, positions
 
 
+def check_prompt_words(clip, subjects, chunks: dict, positions: list[int]) -> None:
+    """Refuse a subject whose adapter is bound to one prompt word (`NestedAdapter.prompt_word`: the IP-Adapter and
+    official loaders) but whose prompt token is another word's: the token would be drawn as the adapter's word. A
+    subject word of several tokens binds its last one, so it must end in the adapter's word ('old woman': 'woman')."""
+    for subject, position in zip(subjects, positions):
+        word = None if subject.adapter is None else subject.adapter.prompt_word
+        if word is None:
+            continue
+        for key, token_id in single_token_ids(clip, word).items():
+            chunk_length = len(chunks[key][0])
+            bound = chunks[key][position // chunk_length][position % chunk_length][0]
+            if not (isinstance(bound, int) and bound == token_id):  # an `embedding:` name gives a tensor here
+                raise ValueError(f"subject '{subject.word}' and its adapter {subject.adapter.name} disagree on the "
+                                 f"subject word: the adapter was loaded with '{word}', whose embedding replaces the "
+                                 f"prompt's '{subject.word}', so the image would show '{word}' where the prompt says "
+                                 f"'{subject.word}'. Set one word in the adapter's loader and in the subject node: "
+                                 f"'{subject.word}' in both, or '{word}' in both and in the prompt (a phrase binds its "
+                                 f"last word, so it must end in the loader's word, e.g. 'old {word}')")
+
+
 def encode_subject_prompt(clip, subjects, text: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The prompt's context (1, T, D) with each subject's word as its adapter's subject token s*, the pooled
     output, and each subject's token position."""
@@ -33,6 +54,7 @@ def encode_subject_prompt(clip, subjects, text: str) -> tuple[torch.Tensor, torc
                              f"{sorted(subject.adapter.placeholder_embeddings)}) but this CLIP has text encoders {encoders}: "
                              f"use the CLIP of the model the adapter was made for")
     chunks, positions = bound_token_positions(clip, text, [subject.word for subject in subjects])
+    check_prompt_words(clip, subjects, chunks, positions)
     token_pairs = {key: [[(token, weight) for token, weight, _ in chunk] for chunk in key_chunks]
                    for key, key_chunks in chunks.items()}
     for subject, position in zip(subjects, positions):

@@ -3,15 +3,16 @@ under an assumed layout (docs/official_import.md)."""
 import folder_paths
 
 from ..encoders.ipadapter_plus import load_ip_adapter_plus
-from ..encoders.nested_adapter import is_adapter_file
-from ..encoders.official_nested_import import IMPORT_FIX, import_official_nested_file
+from ..encoders.nested_adapter import NestedAdapter, is_adapter_file
+from ..encoders.official_nested_import import IMPORT_FIX, IMPORT_SUFFIXES, import_official_nested_file
 from .base_model import clip_tokenizers
 from .naming import NESTED_ATTENTION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
-from .nested_adapter_nodes import initializer_vectors, ready
+from .nested_adapter_nodes import ready, word_embeddings
 
-WORD_TOOLTIP = ("The word the subject token starts from: its input embedding becomes the subject token's. A single-token "
-                "word; bind the subject to this word in the prompt (in 'Nested Attention Subject') so the prompt "
-                "reads as the base model knows it.")
+WORD_TOOLTIP = ("The subject word, one token of the CLIP vocabulary ('person', 'woman', 'dog'): its input embedding "
+                "becomes the subject token's. Give the subject ('Nested Attention Subject') the same word, or a phrase "
+                "whose last word it is ('old woman'); 'Nested Attention Encode' refuses any other word, which would be "
+                "drawn as this one.")
 
 
 class NestedAttentionIPAdapterLoader:
@@ -43,9 +44,9 @@ class NestedAttentionIPAdapterLoader:
 
     def load(self, ipadapter: str, clip, word: str):
         word = word.strip()
-        embeddings, _ = initializer_vectors(clip, word)
+        embeddings = word_embeddings(clip, word)
         path = folder_paths.get_full_path_or_raise("ipadapter", ipadapter)
-        return ready(load_ip_adapter_plus(path, word, embeddings))
+        return ready(with_prompt_word(load_ip_adapter_plus(path, word, embeddings), word))
 
 
 class NestedAttentionOfficialLoader:
@@ -67,8 +68,10 @@ class NestedAttentionOfficialLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "checkpoint": (folder_paths.get_filename_list("nested_attention"),
-                           {"tooltip": "The official demo checkpoint, put in models/nested_attention."}),
+            "checkpoint": ([name for name in folder_paths.get_filename_list("nested_attention")
+                            if name.lower().endswith(IMPORT_SUFFIXES)],
+                           {"tooltip": f"The official demo checkpoint, put in models/nested_attention: safetensors or "
+                                       f"a PyTorch pickle ({', '.join(IMPORT_SUFFIXES)}), told apart by content."}),
             "clip": ("CLIP", {"tooltip": "The SDXL checkpoint's CLIP: it gives the initializer word's embeddings."}),
             "initializer_word": ("STRING", {"default": "person", "tooltip": WORD_TOOLTIP}),
         }}
@@ -82,8 +85,14 @@ class NestedAttentionOfficialLoader:
             raise ValueError(f"{checkpoint} is already a Nested Attention adapter of this pack: load it with 'Load "
                              f"Nested Attention Adapter'")
         word = initializer_word.strip()
-        embeddings, _ = initializer_vectors(clip, word)
-        return ready(import_official_nested_file(path, word, embeddings))
+        embeddings = word_embeddings(clip, word)
+        return ready(with_prompt_word(import_official_nested_file(path, word, embeddings), word))
+
+
+def with_prompt_word(adapter: NestedAdapter, word: str) -> NestedAdapter:
+    """The adapter, bound to the one prompt word its token was made from here (checked by 'Nested Attention Encode')."""
+    adapter.prompt_word = word
+    return adapter
 
 
 NODE_CLASS_MAPPINGS = {"NestedAttentionIPAdapterLoader": NestedAttentionIPAdapterLoader,

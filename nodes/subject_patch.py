@@ -23,6 +23,15 @@ One patch per MODEL: nested values (Apply Nested Attention), regional masks (App
 attention-map recording (Record Subject Attention) all act in the same attention call. A node that adds
 to a model already carrying the patch extends it (a subject already there is not added twice) instead of
 stacking a second one.
+
+Other packs' attn2 replacements (IPAdapter, InstantID, PuLID and the like), in either order: the patch keeps no entry
+in the MODEL's `patches_replace`. At each UNet call that carries a subject, the model wrapper takes the attn2 entry
+ComfyUI would call at each cross-attention layer (its `(block, number, index)` key, else its `(block, number)` key)
+and puts, for that call only, a replacement of its own at the three-part key that wraps it: the other pack's output
+on every row, plus the subjects' difference on the rows that carry them. So a pack's node placed before or after
+this pack's finds only its own entries: it installs them, or `.add()`s to them, with its own code and keys, and
+ComfyUI's precedence decides which of them runs, exactly as it would without this pack; neither order can shadow or
+mutate the other's entries, and both orders compute the same thing.
 """
 from __future__ import annotations
 
@@ -114,13 +123,11 @@ def add_subject_patch(model, subjects: list[PatchedSubject], recording: Attentio
     current = options.get(PATCH_KEY)
     if current is not None and patched.model_options.get("model_function_wrapper") == current.wrapper:
         patch = current.extended(subjects, recording)
-    else:  # first patch, or another pack wrapped ours since: stack a new one over whatever is installed
-        replaced = options.get("patches_replace", {}).get("attn2", {})
-        blocks = [layer.block for layer in cross_attention_layers(model_family(model))]
+    else:  # first patch, or another pack wrapped ours since: stack a new one over that pack's wrapper
+        blocks = tuple(layer.block for layer in cross_attention_layers(model_family(model)))
         known = {id(subject.signature) for subject in current.subjects} if current is not None else set()
         patch = SubjectAttentionPatch([s for s in subjects if id(s.signature) not in known], recording,
-                                      patched.model_options.get("model_function_wrapper"),
-                                      {block: replaced.get(block) for block in blocks}, below=current)
+                                      patched.model_options.get("model_function_wrapper"), blocks, below=current)
     patch.install(patched)
     return patched
 
@@ -130,9 +137,9 @@ class SubjectAttentionPatch:
     sampling starts."""
 
     def __init__(self, subjects: list[PatchedSubject], recording: AttentionRecording | None, previous_wrapper,
-                 previous_attn2: dict, below: "SubjectAttentionPatch | None" = None):
+                 blocks: tuple[tuple[str, int, int], ...], below: "SubjectAttentionPatch | None" = None):
         self.subjects, self.recording = subjects, recording
-        self.previous_wrapper, self.previous_attn2 = previous_wrapper, previous_attn2
+        self.previous_wrapper, self.blocks = previous_wrapper, blocks  # blocks: the (block, number, index) of each layer
         self.below = below  # the patch this one was stacked over (another pack's wrapper between them), still acting
         self.options_key = f"{PATCH_KEY}_{id(self)}"
         self._device_cache: dict = {}
@@ -148,12 +155,10 @@ class SubjectAttentionPatch:
             if known is None or (known.mask is None and known.nested is None):
                 merged[id(subject.signature)] = subject
         return SubjectAttentionPatch(list(merged.values()), recording or self.recording, self.previous_wrapper,
-                                     self.previous_attn2, self.below)
+                                     self.blocks, self.below)
 
     def install(self, model) -> None:
         model.set_model_unet_function_wrapper(self.wrapper)
-        for block, previous in self.previous_attn2.items():
-            model.set_model_attn2_replace(self._attn2(previous), *block)
         model.model_options["transformer_options"][PATCH_KEY] = self
         wrappers = model.model_options["transformer_options"].setdefault("wrappers", {})
         wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).pop(PATCH_KEY, None)  # this one covers it
@@ -163,13 +168,16 @@ class SubjectAttentionPatch:
     def _stack(self) -> list["SubjectAttentionPatch"]:
         return [self] + (self.below._stack() if self.below is not None else [])
 
+    def all_subjects(self) -> list[PatchedSubject]:
+        """The subjects of this patch and of the patches it was stacked over: every subject the MODEL renders."""
+        return [subject for patch in self._stack() for subject in patch.subjects]
+
     def _start_sampling(self, executor, noise, *args, **kwargs):
         """Once per sampling run: check what the sampler was given, then record afresh (a cached recording node is
         reused by the next run)."""
         conds = getattr(executor.class_obj, "conds", None) or {}
         if "positive" in conds:  # every guider of ComfyUI's has one; another pack's may name its conds otherwise
-            check_sampling_inputs([subject for patch in self._stack() for subject in patch.subjects],
-                                  conds["positive"], tuple(noise.shape[-2:]))
+            check_sampling_inputs(self.all_subjects(), conds["positive"], tuple(noise.shape[-2:]))
         for patch in self._stack():
             if patch.recording is not None:
                 patch.recording.recorder.reset()
@@ -184,11 +192,22 @@ class SubjectAttentionPatch:
                     found.append((subject, tuple(token_index.tolist())))  # once per step: layers never read back
         if found:
             record = self.recording is not None and self.recording.active(sigma)
-            options = {**conditioning.get("transformer_options", {}), self.options_key: (found, record)}
+            options = conditioning.get("transformer_options", {})
+            options = {**options, "patches_replace": self.call_replacements(options), self.options_key: (found, record)}
             args = {**args, "c": {**conditioning, "transformer_options": options}}
         if self.previous_wrapper is not None:
             return self.previous_wrapper(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def call_replacements(self, transformer_options: dict) -> dict:
+        """The `patches_replace` of one UNet call: each cross-attention layer's attn2 is this patch's replacement, wrapping
+        the entry ComfyUI would have called there (the three-part key first, as ComfyUI looks it up)."""
+        replace = transformer_options.get("patches_replace", {})
+        attn2 = dict(replace.get("attn2", {}))
+        for block in self.blocks:
+            previous = attn2[block] if block in attn2 else attn2.get(block[:2])
+            attn2[block] = self.layer_replacement(previous)
+        return {**replace, "attn2": attn2}
 
     def _nested(self, subject: PatchedSubject, key: str, like: torch.Tensor):
         """K~, V~ on the layer's device and dtype, converted once per generation, not per step."""
@@ -209,7 +228,8 @@ class SubjectAttentionPatch:
             self._device_cache[cache_key] = layer_query_mask(subject.mask, height, width).to(like)
         return self._device_cache[cache_key]
 
-    def _attn2(self, previous):
+    def layer_replacement(self, previous):
+        """The attn2 replacement of one layer for one UNet call: `previous` is another pack's, or None."""
         def attn2(q, k, v, extra_options):
             found, record_step = extra_options.get(self.options_key, ((), False))
             record = record_step and extra_options["block"][0] in self.recording.blocks
@@ -225,7 +245,7 @@ class SubjectAttentionPatch:
                     sources.append(subject.source)
             heads = extra_options["n_heads"]
             if not bindings:
-                return previous(q, k, v, extra_options) if previous else host_attention(q, k, v, extra_options)
+                return previous(q, k, v, extra_options) if previous is not None else host_attention(q, k, v, extra_options)
             rows = [any(binding.token_positions[row] >= 0 for binding in bindings) for row in range(q.shape[0])]
             # one call over the whole batch where the rows without subjects get ComfyUI's own bits from it (its SDPA)
             whole_batch = all(rows) or (previous is None and host_attention_is_sdpa(extra_options)

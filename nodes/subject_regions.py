@@ -1,10 +1,48 @@
-"""Regional subject masks as nodes: draw a box mask, and apply subject masks to a MODEL (FastComposer lists)."""
+"""Regional subject masks as nodes: draw a box mask, and apply subject masks to a MODEL (FastComposer lists).
+
+A FastComposer subject's mask acts only in a MODEL patched by 'Apply Subject Masks'. So that a mask never does nothing
+in silence, the MODEL of 'Load FastComposer' carries a check made when sampling starts (`guard_subject_masks`): a
+positive conditioning with a masked FastComposer subject that the sampled MODEL does not apply is refused, before the
+first step. Nested Attention subjects are not concerned: 'Apply Nested Attention' applies their masks itself.
+"""
+import comfy.patcher_extension
+import torch
+
 from ..attention.subject_masks import region_mask
 from .input_checks import checked_inputs
 from .naming import COMPOSITION_CATEGORY as CATEGORY, PERSONALIZATION_ALIASES
-from .subject_patch import PatchedSubject, add_subject_patch
-from .subjects import bindings_of
+from .subject_patch import PATCH_KEY, PatchedSubject, add_subject_patch
+from .subjects import BINDINGS_KEY, bindings_of
 
+MASK_GUARD_KEY = "subject_personalization_mask_guard"  # the OUTER_SAMPLE wrapper of guard_subject_masks
+
+
+def guard_subject_masks(model) -> None:
+    """Install on `model` (in place: the loader's own new MODEL) the check `refuse_unapplied_masks`."""
+    comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MASK_GUARD_KEY,
+                                                 refuse_unapplied_masks, model.model_options, is_model_options=True)
+
+
+def refuse_unapplied_masks(executor, noise: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Once per sampling run, before the first step: refuse positive conditionings whose masked FastComposer subjects
+    the sampled MODEL does not apply."""
+    guider = executor.class_obj
+    conds = getattr(guider, "conds", None) or {}  # every guider of ComfyUI's has them; another pack's may not
+    patch = getattr(guider, "model_options", {}).get("transformer_options", {}).get(PATCH_KEY)
+    applied = {id(patched.source) for patched in patch.all_subjects() if patched.mask is not None} if patch else set()
+    unapplied = {}  # by identity, in order
+    for cond in conds.get("positive", ()):
+        for subject, _ in cond.get(BINDINGS_KEY, ()):
+            if subject.mask is not None and subject.adapter is None and id(subject) not in applied:
+                unapplied[id(subject)] = subject
+    if unapplied:
+        words = ", ".join(f"'{subject.word}'" for subject in unapplied.values())
+        what, it = ("masks of subjects", "them") if len(unapplied) > 1 else ("mask of subject", "it")
+        raise ValueError(f"the {what} {words} would do nothing: the MODEL this sampler uses does not apply {it} (a "
+                         f"FastComposer subject's mask acts only through 'Apply Subject Masks'). Pass the MODEL "
+                         f"through 'Apply Subject Masks', given this sampler's positive conditioning, on its way to "
+                         f"the sampler; or disconnect the mask from 'Add Subject'")
+    return executor(noise, *args, **kwargs)
 
 
 class SubjectRegionMask:

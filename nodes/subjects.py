@@ -69,7 +69,9 @@ SUBJECT_INPUTS = {
 MASK_INPUTS = {
     "subjects": ("SUBJECTS", {"tooltip": "A subject list to append this subject to."}),
     "mask": ("MASK", {"tooltip": "Where this subject may appear, at the generated image's aspect ratio (white = "
-                      "here). Its word is attended only there, at every attention resolution."}),
+                      "here). Its word is attended only there, at every attention resolution, in a MODEL patched "
+                      "by 'Apply Nested Attention' (Nested Attention) or 'Apply Subject Masks' (FastComposer: the "
+                      "MODEL of 'Load FastComposer' refuses to sample a mask it does not apply)."}),
     "mask_feather": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
                              "tooltip": "Softens the mask's edge over this many pixels of the mask, 0 to 256 (0 = "
                                         "a hard edge)."}),

@@ -24,3 +24,29 @@ def run_plain(model, contexts):
     with torch.no_grad():
         return model.model.apply_model(LATENT.expand(context.shape[0], -1, -1, -1),
                                        torch.full((context.shape[0],), SIGMA), c_crossattn=context, transformer_options={})
+
+
+def subject_patch_of(patched):
+    """The subject patch a patched MODEL carries: the object whose bound method is its model wrapper."""
+    return patched.model_options["model_function_wrapper"].__self__
+
+
+def subject_replacements(patched) -> dict:
+    """Per (block, number, index), the attn2 replacement the subject patch puts into a UNet call of `patched`."""
+    return subject_patch_of(patched).call_replacements(patched.model_options["transformer_options"])["attn2"]
+
+
+def spy_on_subject_layers(monkeypatch, patched, calls: list) -> None:
+    """For this test: record (q, k, v, extra_options, out) of every attn2 call the subject patch of `patched` makes."""
+    patch = subject_patch_of(patched)
+    replacement_for = patch.layer_replacement
+
+    def spying(previous):
+        replacement = replacement_for(previous)
+
+        def spy(q, k, v, extra_options):
+            out = replacement(q, k, v, extra_options)
+            calls.append((q, k, v, extra_options, out))
+            return out
+        return spy
+    monkeypatch.setattr(patch, "layer_replacement", spying)

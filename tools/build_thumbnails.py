@@ -45,11 +45,12 @@ def card(example) -> Image.Image:
         y += 32
     prompt = wrapped(draw, f"\u201c{' '.join(example.prompt.replace('<|image|>', '').split())}\u201d", font(20),
                      SIDE - 2 * MARGIN)
-    count, below = len(example.subjects), 44 + 26 * len(prompt)  # under the photos: their words, then the prompt
+    photos = example.subjects + ((("IPAdapter", example.ipadapter[0]),) if example.ipadapter else ())
+    count, below = len(photos), 44 + 26 * len(prompt)  # under the photos: their words, then the prompt
     room = SIDE - 56 - (y + 14)  # down to the caption
     side = min(280, (SIDE - 2 * MARGIN - (count - 1) * 24) // count, room - below)
     left, top = (SIDE - count * side - (count - 1) * 24) // 2, y + 14 + (room - side - below) // 2
-    for index, (word, file) in enumerate(example.subjects):
+    for index, (word, file) in enumerate(photos):
         x = left + index * (side + 24)
         with Image.open(PACK_ROOT / "photos" / file) as photo:
             image.paste(ImageOps.fit(photo.convert("RGB"), (side, side), centering=(0.5, 0.4)), (x, top))

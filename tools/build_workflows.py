@@ -40,7 +40,7 @@ GROUP_PAD, GROUP_TITLE = 10, 34  # the editor's fit-to-nodes padding, and its gr
 GROUP_HEAD = GROUP_TITLE + GROUP_PAD  # above a group's first title bar
 TOP = 20 + GROUP_HEAD  # every column's first title bar, so that a group's title fits above it
 WIDE = 480  # wide enough for a file name such as CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors beside its widget label
-SUBJECTS, PROMPT, SAMPLING, MAPS = "#3f789e", "#8A8", "#88A", "#a1309b"  # group colours of the editor's palette
+SUBJECTS, PROMPT, SAMPLING, MAPS, IPADAPTER = "#3f789e", "#8A8", "#88A", "#a1309b", "#b58b2a"  # the editor's palette
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Example:
     regions: bool = False  # each subject held to its own side of the picture
     checkpoint: str = "v1-5-pruned-emaonly.safetensors"  # Nested Attention: the base model (models/checkpoints)
     size: int = 512  # image side
+    ipadapter: tuple[str, str] = ()  # Nested Attention: (photo, IP-Adapter file) for IPAdapter_plus's node on the model
 
 
 def drawn_box(node) -> tuple[int, int, int, int]:
@@ -290,15 +291,39 @@ def nested_attention(example):
     g.group("Prompt", PROMPT, encode, negative)
     g.link(checkpoint, "CLIP", encode, "clip")
     g.link(previous, "subjects", encode, "subjects")
+    model = (checkpoint, "MODEL")
+    if example.ipadapter:
+        model = ipadapter_beside(g, example, (vision, "CLIP_VISION"), model, top)
     apply = g.node("SubjectPersonalization_ApplyNestedAttention", (360, 150), [1.0, 0.0, 1.0],
                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING")], outputs=[("model", "MODEL")],
                    title="Nested Attention on the model")
-    g.link(checkpoint, "MODEL", apply, "model")
+    g.link(*model, apply, "model")
     g.link(encode, "positive", apply, "positive")
     sample_and_save(g, right_of(encode), [42, "fixed", 30, 6.0, "dpmpp_2m", "karras", 1.0], "nested_attention",
                     (apply, "model"), (encode, "positive"), (negative, "CONDITIONING"), (checkpoint, "VAE"),
                     patches=(apply,), size=example.size)
     return g
+
+
+def ipadapter_beside(g, example, vision, model, top):
+    """IPAdapter_plus's own nodes (cubiq/ComfyUI_IPAdapter_plus) under the subjects, on the model before the pack's
+    patch (either order works): its reference photo acts on the whole picture, ungated; the output model."""
+    file, ipadapter_file = example.ipadapter
+    loader = g.node("IPAdapterModelLoader", (400, 80), [ipadapter_file], outputs=[("IPADAPTER", "IPADAPTER")],
+                    title="IPAdapter model (IPAdapter_plus)")
+    image = photo(g, "IPAdapter reference", file, 400)
+    advanced = g.node("IPAdapterAdvanced", (360, 280), [0.6, "linear", "concat", 0.0, 1.0, "V only"],
+                      inputs=[("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("image", "IMAGE"),
+                              ("image_negative", "IMAGE"), ("attn_mask", "MASK"), ("clip_vision", "CLIP_VISION")],
+                      outputs=[("MODEL", "MODEL")], title="IPAdapter on the model")
+    column(40, top + GROUP_HEAD + GROUP_PAD, loader, image)
+    column(right_of(loader), top + GROUP_HEAD + GROUP_PAD, advanced)
+    g.group("IPAdapter (IPAdapter_plus)", IPADAPTER, loader, image, advanced)
+    g.link(*model, advanced, "model")
+    g.link(loader, "IPADAPTER", advanced, "ipadapter")
+    g.link(image, "IMAGE", advanced, "image")
+    g.link(*vision, advanced, "clip_vision")
+    return advanced, "MODEL"
 
 
 def two_subjects_with_masks(example):
@@ -370,6 +395,9 @@ EXAMPLES = (
             "a photo of a woman sitting on a bench with a cat in a park",
             (("woman", ASTRONAUT), ("cat", CAT)), nested_attention,
             adapters=("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"), regions=True),
+    Example("nested_with_ipadapter", "Nested Attention", "A woman by Nested Attention, a cat by IPAdapter",
+            "a photo of a woman holding a cat in a garden", (("woman", ASTRONAUT),), nested_attention,
+            adapters=("ip-adapter-plus-face_sd15.safetensors",), ipadapter=(CAT, "ip-adapter-plus_sd15.safetensors")),
     Example("nested_official_sdxl", "Nested Attention", "One person, the authors' SDXL checkpoint",
             "a photo of a person as a chef in a sunny kitchen", (("person", ASTRONAUT),), nested_attention,
             adapters=(OFFICIAL_SDXL_FILE,), checkpoint="sd_xl_base_1.0.safetensors", size=1024),

@@ -100,14 +100,15 @@ class HeadlessComfy(ComfyClient):
 
     def free_memory(self) -> None:
         """Drop ComfyUI's cached node outputs and loaded models, as POST /free does for the graph editor, and wait until
-        its prompt worker has: it reads the request between prompts, so a prompt queued once the request was read
-        finishes after the memory was freed."""
+        its prompt worker has. The worker reads the request after each wait for a prompt; a request that lands between
+        two waits wakes nobody and would sit unread until the next wait ends (up to 1000 s when the worker is idle), so
+        a trivial prompt is queued behind it: the worker reads the request once that prompt has run."""
         self._serve()
         self.post("/free", {"unload_models": True, "free_memory": True})
-        while self.server.prompt_queue.get_flags(reset=False):
-            time.sleep(0.02)
         self.execute({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
                       "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+        while self.server.prompt_queue.get_flags(reset=False):
+            time.sleep(0.02)
 
     def pack_module(self, name: str):
         """A module of the pack as ComfyUI loaded it (from custom_nodes, under its folder's name): e.g. "nodes.subjects"."""

@@ -27,7 +27,9 @@ SELF_CHECK_SIZE, SELF_CHECK_STEPS = 64, 2
 LOADERS = {"SubjectPersonalization_FastComposerLoader": ("fastcomposer", "checkpoint"), "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
            "CLIPVisionLoader": ("clip_vision", "clip_name"), "SubjectPersonalization_NestedAttentionIPAdapterLoader": ("ipadapter", "ipadapter"),
            "SubjectPersonalization_NestedAttentionLoader": ("nested_attention", "adapter"),
-           "SubjectPersonalization_NestedAttentionOfficialLoader": ("nested_attention", "checkpoint")}
+           "SubjectPersonalization_NestedAttentionOfficialLoader": ("nested_attention", "checkpoint"),
+           "IPAdapterModelLoader": ("ipadapter", "ipadapter_file")}
+OTHER_PACKS = {"IPAdapter": "ComfyUI_IPAdapter_plus (https://github.com/cubiq/ComfyUI_IPAdapter_plus)"}  # node prefix
 STAND_INS = {"SubjectPersonalization_FastComposerLoader"}  # the loaders the self-check has seeded random weights for
 
 
@@ -64,7 +66,13 @@ def main() -> None:
         parser.error("set COMFYUI_PATH or pass --comfyui: this runs the workflow through a real ComfyUI")
 
     comfy = HeadlessComfy(args.comfyui)
-    prompt = comfy.workflow_to_prompt(json.loads(args.workflow.read_text()))
+    workflow = json.loads(args.workflow.read_text())
+    unknown = sorted({node["type"] for node in workflow["nodes"]} - set(comfy.nodes.NODE_CLASS_MAPPINGS))
+    if unknown:
+        packs = sorted({pack for node_type in unknown for prefix, pack in OTHER_PACKS.items() if node_type.startswith(prefix)})
+        parser.error(f"{args.workflow.name} uses nodes this ComfyUI does not have ({', '.join(unknown)}): install "
+                     f"{' and '.join(packs) or 'the custom node pack that provides them'} into its custom_nodes folder")
+    prompt = comfy.workflow_to_prompt(workflow)
     missing = missing_weights(comfy, prompt)
     if set(missing.values()) - STAND_INS:
         parser.error(f"{args.workflow.name} needs {', '.join(missing)} in ComfyUI's folders (README, 'Workflows and "

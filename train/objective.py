@@ -53,7 +53,8 @@ class TrainingAttention:
         if tuple(extra_options["block"]) not in self.localization_blocks:
             return subject_attention(q, k, v, extra_options["n_heads"], bindings)
         out, probs = subject_attention(q, k, v, extra_options["n_heads"], bindings, return_subject_probs=True)
-        self.probs.append((probs, tuple(extra_options["activations_shape"][-2:])))
+        # The loss in float32 whatever dtype the UNet computes in (fp16 or bf16 on most GPUs).
+        self.probs.append((probs.float(), tuple(extra_options["activations_shape"][-2:])))
         return out
 
     def localization_loss(self, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,9 @@ class Trainer:
         self.adapter.to(self.device).float().train()
         self.adapter.placeholder_embeddings.requires_grad_(False)  # s* stays fixed: the cached contexts depend on it
         self.unet = base.model.model.diffusion_model.to(self.device).requires_grad_(False).eval()
+        # What ComfyUI's apply_model casts the UNet's inputs to: its weights' dtype (fp16 or bf16 on most GPUs) or the
+        # dtype its ops compute in when they cast the weights (manual cast).
+        self.unet_dtype = base.model.model.manual_cast_dtype or base.model.model.get_dtype()
         self.model_sampling = base.model.model.model_sampling.to(self.device)
         self.attention = TrainingAttention(self.family, config.localization_weight > 0)
         self.encoder = SubjectEncoderTraining(self.adapter)
@@ -112,7 +115,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.ema = AveragedModel(self.adapter, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) \
             if config.ema_decay > 0 else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        # Without loss scaling small gradients underflow in fp16: under fp16 autocast, and in a UNet computing in fp16.
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=config.mixed_precision == "fp16" or self.unet_dtype == torch.float16)
         self.step = 0
         self.dataset = SubjectDataset(config.data, config.resolution, config.reference_background)
         self.encodings = Path(config.encodings) if config.encodings else self.output / "encodings"
@@ -172,17 +177,21 @@ class Trainer:
         sigma, noisy = noised(self.model_sampling, latent, generator)
         masks = self._masks(examples, slots, latent.shape[-2:])
         masked_rows = torch.rand(batch, generator=generator) < config.masked_loss_probability
-        with torch.autocast(device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16,
-                            enabled=config.mixed_precision != "no"):
+        autocast_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=config.mixed_precision != "no"):
             if not placement:  # every subject dropped: encode one unbound reference so each process runs the same graph
                 references, placement = [examples[0].references[0][0]], [(0, 0)]
             nested = self.trainable(torch.stack(references).to(device), placement, batch, slots)
-            self.attention.set_step(token_index, nested)
-            options = {"patches_replace": {"attn2": {layer.block: self.attention.replacement for layer in self.layers}}}
-            with gradient_checkpointing(self.unet, config.gradient_checkpointing):
-                output = self.unet(self.model_sampling.calculate_input(sigma.reshape(-1, 1, 1, 1), noisy),
-                                   self.model_sampling.timestep(sigma), context=context, y=self._adm(examples),
-                                   transformer_options=options)
+        self.attention.set_step(token_index, nested)
+        options = {"patches_replace": {"attn2": {layer.block: self.attention.replacement for layer in self.layers}}}
+        # A UNet ComfyUI loaded in fp16 or bf16 computes in that dtype, as it does in ComfyUI: autocast to the other
+        # half dtype would give its norms inputs of one dtype and weights of the other.
+        unet_autocast = torch.autocast(device.type, dtype=autocast_dtype,
+                                       enabled=config.mixed_precision != "no" and self.unet_dtype == torch.float32)
+        with unet_autocast, gradient_checkpointing(self.unet, config.gradient_checkpointing):
+            unet_input = self.model_sampling.calculate_input(sigma.reshape(-1, 1, 1, 1), noisy)
+            output = self.unet(unet_input.to(self.unet_dtype), self.model_sampling.timestep(sigma),
+                               context=context.to(self.unet_dtype), y=self._adm(examples), transformer_options=options)
         target = prediction_target(self.model_sampling, sigma, latent, noisy)
         pixel_weight = None
         if bool(masked_rows.any()) and masks is not None:
@@ -215,7 +224,7 @@ class Trainer:
         rows = [self.base.model.model.encode_adm(pooled_output=e.pooled[None].to(self.device), width=side, height=side,
                                                  crop_w=0, crop_h=0, target_width=side, target_height=side)
                 for e in examples]
-        return None if rows[0] is None else torch.cat(rows).to(self.device)
+        return None if rows[0] is None else torch.cat(rows).to(self.device, self.unet_dtype)  # as apply_model casts y
 
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)

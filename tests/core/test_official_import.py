@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from ipadapter_files import Weights, plus_resampler
 from subject_personalization.encoders.checkpoint_io import UnreadableFile
-from subject_personalization.encoders.nested_adapter import check_compatible, load_nested_adapter, save_nested_adapter
+from subject_personalization.encoders.nested_adapter import (check_compatible, is_adapter_file, load_nested_adapter,
+                                                             save_nested_adapter)
 from subject_personalization.encoders.official_nested_import import import_official_nested, import_official_nested_file
 from subject_personalization.encoders.unet_layers import ip_adapter_layers, to_diffusers_name
 
@@ -135,6 +136,29 @@ def test_keys_of_no_known_layout_are_refused_with_what_was_expected(tmp_path, pa
     with pytest.raises(UnreadableFile, match=r"1 keys fit no layout .*: encoder\.blocks\.0\.attn\.qkv\.weight; expected a "
                                              r"resampler in IP-Adapter's naming .* to_k_nest and to_v_nest weights"):
         import_official_nested_file(path, "person", EMBEDDINGS)
+
+
+@pytest.mark.parametrize("layout,name", [("dict of dicts", "official.safetensors"), ("dict of dicts", "official.ckpt"),
+                                         ("IP-Adapter numbers", "official.bin"), ("IP-Adapter numbers", "official")])
+def test_the_files_content_decides_its_format_not_its_name(tmp_path, parts, reference, layout, name):
+    """A pickle renamed .safetensors is read as the pickle it is, safetensors renamed .bin as safetensors."""
+    path = write(tmp_path, in_layout(parts, layout), LAYOUTS[layout][2]).rename(tmp_path / name)
+    adapter = import_official_nested_file(path, "person", EMBEDDINGS)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(adapter.state_dict()[key], tensor), key
+    assert not is_adapter_file(path, IMPORT_FIX)
+    save_nested_adapter(tmp_path / "pack_adapter.bin", adapter)
+    assert is_adapter_file(tmp_path / "pack_adapter.bin", IMPORT_FIX)
+
+
+def test_a_file_that_is_neither_safetensors_nor_a_pickle_is_refused_naming_it(tmp_path):
+    path = tmp_path / "official.safetensors"
+    path.write_bytes(b"<!DOCTYPE html><html>a download page saved by mistake</html>")
+    for call in (lambda: import_official_nested_file(path, "person", EMBEDDINGS),
+                 lambda: is_adapter_file(path, IMPORT_FIX)):
+        with pytest.raises(UnreadableFile, match="it is neither safetensors .* nor a PyTorch pickle") as caught:
+            call()
+        assert str(path) in str(caught.value) and IMPORT_FIX in str(caught.value)
 
 
 def test_a_pickle_holding_objects_is_refused(tmp_path):

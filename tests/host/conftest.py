@@ -8,6 +8,7 @@ import torch
 
 from hostenv import require_comfyui
 from model_files import save_checkpoint, save_half
+from peers import install_peers
 from random_modules import randomise
 from subject_personalization.tools.comfy_headless import HeadlessComfy
 from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
@@ -42,10 +43,12 @@ def release_memory_after_each_module():
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> HeadlessComfy:
     comfyui_path = require_comfyui()
+    base = tmp_path_factory.mktemp("comfy_base")
+    install_peers(base / "custom_nodes")  # the packs users combine with this one, loaded beside it as a user's are
     # ComfyUI keeps text and vision encoders in fp16 by default; fp32 makes the exactness tests meaningful. The classic
     # cache keeps the last prompt's outputs only: 0.33's default, the RAM-pressure cache, keeps models until RAM runs
     # short, which it checks when a prompt runs, while this process also builds models between prompts.
-    _booted.append(HeadlessComfy(comfyui_path, tmp_path_factory.mktemp("comfy_base"),
+    _booted.append(HeadlessComfy(comfyui_path, base,
                                  extra_args=("--fp32-text-enc", "--use-pytorch-cross-attention", "--cache-classic")))
     return _booted[0]
 

@@ -1,4 +1,5 @@
-"""FastComposer nodes inside ComfyUI: loading both file formats, delayed conditioning in the sampler, errors."""
+"""FastComposer nodes inside ComfyUI: loading both file formats, delayed conditioning in the sampler, a subject's mask
+never ignored in silence, errors."""
 import pytest
 import torch
 
@@ -85,6 +86,35 @@ def test_delayed_subject_conditioning_switches_in_the_sampler(comfy, fastcompose
     text_only_steps = sum(sigma > switch_sigma for sigma, _ in positives)
     assert 0 < text_only_steps < 10
     assert all(torch.equal(context, negative[0][0][0]) for _, kind, context in seen if kind == 1), "the negative is never fused"
+
+
+def test_a_masked_subject_is_sampled_only_by_a_model_that_applies_its_mask(fastcomposer_models, node):
+    """The MODEL of 'Load FastComposer' refuses, before the first UNet call, a masked subject without 'Apply Subject
+    Masks' (recording its attention is not applying its mask); a clone of the patched MODEL on its way to the sampler
+    samples it. (Unmasked subjects on the plain MODEL: test_delayed_subject_conditioning_switches_in_the_sampler.)"""
+    model, clip, _, clip_vision, fusion = fastcomposer_models
+    left = node("SubjectPersonalization_SubjectRegionMask").mask(64, 64, 0.0, 0.0, 0.5, 1.0)[0]
+    (masked,) = node("SubjectPersonalization_AddSubject").add(image(1), "man", 1.0, 0.0, 1.0, mask=left)
+    (unmasked,) = node("SubjectPersonalization_AddSubject").add(image(2), "woman", 1.0, 0.0, 1.0)
+    encode = node("SubjectPersonalization_FastComposerEncode").encode
+    (positive,) = encode(clip, clip_vision, fusion, "a man and a woman reading", "", 0.5, subjects=unmasked + masked)
+    (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    unet_calls = []
+    spied = model.clone()
+    spied.set_model_unet_function_wrapper(lambda apply_model, args: unet_calls.append(1) or
+                                          apply_model(args["input"], args["timestep"], **args["c"]))
+    (recording_only, _) = node("SubjectPersonalization_RecordSubjectAttention").record(spied, positive, "all", 0.0, 1.0)
+    for unapplied in (spied, recording_only):  # a subject patch that records is no mask
+        with pytest.raises(ValueError, match=r"^the mask of subject 'man' would do nothing: the MODEL this sampler "
+                                             r"uses does not apply it .* Pass the MODEL through 'Apply Subject Masks'"):
+            node("KSampler").sample(unapplied, 0, 1, 5.0, "ddim", "ddim_uniform", positive, negative, latent)
+    assert not unet_calls, "refused when sampling starts, before the first UNet call"
+
+    (patched,) = node("SubjectPersonalization_ApplySubjectMasks").apply(model, positive)
+    (recording, _) = node("SubjectPersonalization_RecordSubjectAttention").record(patched, positive, "all", 0.0, 1.0)
+    (samples,) = node("KSampler").sample(recording, 0, 1, 5.0, "ddim", "ddim_uniform", positive, negative, latent)
+    assert torch.isfinite(samples["samples"]).all()
 
 
 def test_zero_fraction_fuses_from_the_first_step(encode):

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from hostenv import TESTED_VERSIONS, comfyui_version, require_comfyui
+from peers import install_peers, require_peer
 
 COMFYUI_PATH = Path(require_comfyui())
 from build_workflows import TITLE_BAR  # noqa: E402  (the builder's title bar: the checks below measure the editor's)
@@ -198,9 +199,11 @@ class Editor:
             self.errors.append(error)
 
     def open_file(self, path: Path) -> None:
+        text = path.read_text()
+        registered = self.server.get("/object_info")  # another pack's nodes are there where tests/peers.py installed it
+        require_peer(registered, *{node["type"] for node in json.loads(text)["nodes"]})
         self.dismiss_problems()
         self.errors.clear()
-        text = path.read_text()
         self.page.evaluate(OPEN_FILE, [text, path.name])
         self.wait_for_graph(json.loads(text))
 
@@ -254,6 +257,7 @@ def editor(request, tmp_path_factory):
     hold = base / "custom_nodes" / "hold_queue"
     hold.mkdir(parents=True)
     (hold / "__init__.py").write_text(HOLD_NODE)
+    install_peers(base / "custom_nodes", ("ComfyUI_IPAdapter_plus",))  # the workflow beside IPAdapter uses its nodes
     # A returning user's files: no first-run template browser, and nothing the frontend asks for is missing (a new
     # user's 404s come at times of the frontend's choosing, some after the first workflow is opened).
     user = base / "user" / "default"

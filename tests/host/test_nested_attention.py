@@ -10,7 +10,7 @@ import torch
 from hostenv import require_comfyui
 
 require_comfyui()
-from unet_calls import run_plain, run_wrapped  # noqa: E402
+from unet_calls import run_plain, run_wrapped, spy_on_subject_layers, subject_replacements  # noqa: E402
 
 pytestmark = pytest.mark.compat  # the patch's contract, checked on every ComfyUI the pack supports
 
@@ -68,7 +68,8 @@ def test_apply_patches_every_layer_of_a_clone_and_leaves_the_model_alone(fastcom
     options_before = copy.deepcopy({k: v for k, v in model.model_options.items() if k != "transformer_options"})
     transformer_options_before = copy.deepcopy(model.model_options["transformer_options"])
     patched = apply(node, model, nested["positive"])
-    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"]) == 16
+    assert len(subject_replacements(patched)) == 16  # every attn2 layer, in each UNet call carrying a subject
+    assert "patches_replace" not in patched.model_options["transformer_options"]  # left to other packs
     assert "model_function_wrapper" in patched.model_options
     assert model.model_options["transformer_options"] == transformer_options_before
     assert {k: v for k, v in model.model_options.items() if k != "transformer_options"} == options_before
@@ -161,19 +162,15 @@ def test_each_row_is_attended_once_and_uncond_rows_keep_the_kernels_bits(fastcom
     monkeypatch.setattr(subject_patch, "host_attention", counted_host_attention)
     monkeypatch.setattr(subject_patch, "subject_attention", counted_subject_attention)
     patched = apply(node, fastcomposer_models[0], nested["positive"])
-    for block, replacement in dict(patched.model_options["transformer_options"]["patches_replace"]["attn2"]).items():
-        def spy(q, k, v, extra_options, replacement=replacement):
-            out = replacement(q, k, v, extra_options)
-            calls.append((q, k, v, extra_options["n_heads"], out))
-            return out
-        patched.set_model_attn2_replace(spy, *block)
+    spy_on_subject_layers(monkeypatch, patched, calls)
     run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])
     if kernel == "another kernel":
         assert kernel_rows == [1] * 16 and subject_rows == [1] * 16
     else:
         assert kernel_rows == [] and subject_rows == [2] * 16
-    for q, k, v, heads, out in calls:
-        assert torch.equal(out[1], optimized_attention(q, k, v, heads)[1])
+    assert len(calls) == 16
+    for q, k, v, extra_options, out in calls:
+        assert torch.equal(out[1], optimized_attention(q, k, v, extra_options["n_heads"])[1])
 
 
 def test_an_attention_backend_chosen_for_the_model_attends_the_rows_without_subjects(fastcomposer_models, nested,
@@ -249,8 +246,7 @@ def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastco
     run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])
     q, k, v = (captured[name].double() for name in ("q", "k", "v"))
     assert q.shape[0] == 2, "the other pack's replacement sees the whole batch, once"
-    ours = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block](
-        captured["q"], captured["k"], captured["v"], captured["extra_options"])
+    ours = subject_replacements(patched)[block](captured["q"], captured["k"], captured["v"], captured["extra_options"])
 
     _, positions = bound_token_positions(clip, PROMPT, ["person", "dog"])
     heads = captured["extra_options"]["n_heads"]
@@ -267,22 +263,18 @@ def test_each_subject_acts_through_its_own_token_with_the_nested_equation(fastco
     torch.testing.assert_close(ours[1:].double(), (weights @ vh).transpose(1, 2).flatten(2)[1:], rtol=0, atol=REFERENCE_TOLERANCE)
 
 
-def test_the_patched_layer_reads_nothing_back_and_compiles_into_one_graph(fastcomposer_models, nested, node):
+def test_the_patched_layer_reads_nothing_back_and_compiles_into_one_graph(fastcomposer_models, nested, node,
+                                                                          monkeypatch):
     """The attn2 replacement itself, on one layer's real q, k, v and extra_options from a sampler-made call: with the
     layer's tensors as FakeTensors (shapes, no data) it runs, so it reads nothing back from the model's device; and
     torch._dynamo traces it, subject path included, into one graph without a break (ComfyUI's TorchCompileModel)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    block, captured = ("input", 4, 0), {}
+    block, calls = ("input", 4, 0), []
     patched = apply(node, fastcomposer_models[0], nested["positive"])
-    replacement = patched.model_options["transformer_options"]["patches_replace"]["attn2"][block]
-
-    def spy(q, k, v, extra_options):
-        captured.update(q=q, k=k, v=v, extra_options=extra_options)
-        return replacement(q, k, v, extra_options)
-
-    patched.set_model_attn2_replace(spy, *block)
+    replacement = subject_replacements(patched)[block]
+    spy_on_subject_layers(monkeypatch, patched, calls)
     run_wrapped(patched, [nested["positive"][0][0], nested["negative"][0][0]], [0, 1])  # also fills the layer caches
-    q, k, v, extra_options = (captured[name] for name in ("q", "k", "v", "extra_options"))
+    q, k, v, extra_options, _ = next(call for call in calls if call[3]["block"] + (call[3]["block_index"],) == block)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_q, fake_k, fake_v = (mode.from_tensor(x) for x in (q, k, v))
     with mode, torch.no_grad():

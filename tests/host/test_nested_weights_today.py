@@ -1,6 +1,9 @@
 """Nested Attention on weights that exist today, through the nodes: an IP-Adapter Plus file from models/ipadapter as a
-nested adapter, the official checkpoint imported by its node, and the subject token's attention weight reaching the
-patched UNet (0 = the adapter's own weight; 1 = no change, bit for bit)."""
+nested adapter, the official checkpoint imported by its node, the one subject word such an adapter binds (the
+loader's), and the subject token's attention weight reaching the patched UNet (0 = the adapter's own weight; 1 = no
+change, bit for bit)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,6 +37,56 @@ def test_the_ip_adapter_loader_gives_the_files_maps_for_the_words_token(ip_adapt
         assert torch.equal(maps.to_v.weight, published[f"ip_adapter.{number}.to_v_ip.weight"].float()), layer.key
     word, _ = initializer_vectors(fastcomposer_models[1], "person")
     assert torch.equal(ip_adapter.placeholder_embeddings["l"], word["l"])
+
+
+def bound_to(node, adapter, word: str) -> tuple:
+    """A subject list of one subject on `word` with `adapter` (no encoder tokens: encoding reads only the adapter)."""
+    (subjects,) = node("SubjectPersonalization_AddSubject").add(PHOTO, word, 1.0, 0.0, 1.0)
+    return (dataclasses.replace(subjects[0], adapter=adapter),)
+
+
+@pytest.mark.parametrize("word,prompt", [("Person", "a photo of a Person on the beach"),
+                                         ("old person", "a photo of an old person on the beach")])
+def test_a_subject_on_the_loaders_word_or_a_phrase_ending_in_it_is_encoded(ip_adapter, fastcomposer_models, node, word,
+                                                                          prompt):
+    """The word's own embedding replaces the word's own token: the prompt reads as the plain one."""
+    clip = fastcomposer_models[1]
+    assert ip_adapter.prompt_word == "person"
+    (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, bound_to(node, ip_adapter, word),
+                                                                              prompt)
+    (plain,) = node("CLIPTextEncode").encode(clip, prompt)
+    assert torch.allclose(positive[0][0], plain[0][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("word,prompt", [("woman", "a photo of a woman on the beach"),
+                                         ("persons", "a photo of two persons on the beach"),
+                                         ("salesperson", "a photo of a salesperson on the beach")])  # sal|esp|erson
+def test_a_subject_on_another_word_than_the_loaders_is_refused_naming_both(ip_adapter, fastcomposer_models, node, word,
+                                                                          prompt):
+    with pytest.raises(ValueError, match=rf"^subject '{word}' and its adapter ip-adapter-plus_sd15 disagree on the "
+                                         rf"subject word: the adapter was loaded with 'person', .* would show "
+                                         rf"'person' where the prompt says '{word}'\. Set one word in the adapter's "
+                                         rf"loader and in the subject node: '{word}' in both, or 'person' in both and "
+                                         rf"in the prompt"):
+        node("SubjectPersonalization_NestedAttentionEncode").encode(fastcomposer_models[1],
+                                                                    bound_to(node, ip_adapter, word), prompt)
+
+
+def test_the_loader_refuses_a_word_of_several_tokens(ipadapter_plus_file, fastcomposer_models, node):
+    with pytest.raises(ValueError, match=r"the initializer word 'salesperson' is 3 tokens for CLIP-L; choose a "
+                                         r"single-token word"):
+        node("SubjectPersonalization_NestedAttentionIPAdapterLoader").load(ipadapter_plus_file.name,
+                                                                          fastcomposer_models[1], "salesperson")
+
+
+def test_an_adapter_file_of_the_pack_binds_any_word(nested_adapter_files, fastcomposer_models, node):
+    """Its token learnt to stand in for its captions' words (docs/training.md): no one word is imposed."""
+    adapter_file = nested_adapter_files["nested_person_sd15"]
+    (adapter,) = node("SubjectPersonalization_NestedAttentionLoader").load(adapter_file.name)
+    assert adapter.initializer_word == "person" and adapter.prompt_word is None
+    (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(
+        fastcomposer_models[1], bound_to(node, adapter, "woman"), "a photo of a woman on the beach")
+    assert positive[0][0].shape == (1, 77, 768)
 
 
 def test_an_ip_adapter_beside_the_wrong_clip_vision_is_refused_naming_both(ip_adapter, fastcomposer_models, node):

@@ -7,7 +7,7 @@ import torch
 from hostenv import require_comfyui
 
 require_comfyui()
-from unet_calls import LATENT, run_plain, run_wrapped  # noqa: E402
+from unet_calls import LATENT, run_plain, run_wrapped, spy_on_subject_layers, subject_replacements  # noqa: E402
 
 PROMPT = "a man <|image|> and a woman <|image|> reading a book together"
 PLAIN_PROMPT = "a man and a woman reading a book together"
@@ -89,21 +89,15 @@ def test_the_same_subject_list_drives_nested_attention(fastcomposer_models, nest
         node("SubjectPersonalization_NestedAttentionEncode").encode(clip, generic, prompt)
 
 
-def test_masks_restrict_each_subject_token_to_its_region_in_every_layer(fastcomposer_models, masked, node):
+def test_masks_restrict_each_subject_token_to_its_region_in_every_layer(fastcomposer_models, masked, node,
+                                                                        monkeypatch):
     """At the attention layers themselves: only the masked-out queries of cond rows change."""
     from comfy.ldm.modules.attention import optimized_attention
     model = fastcomposer_models[0]
     patched = node("SubjectPersonalization_ApplySubjectMasks").apply(model, masked)[0]
-    replacements = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert len(replacements) == 16
+    assert len(subject_replacements(patched)) == 16
     calls = []
-    original = {block: fn for block, fn in replacements.items()}
-    for block, replacement in original.items():
-        def spy(q, k, v, extra_options, replacement=replacement):
-            out = replacement(q, k, v, extra_options)
-            calls.append((q, k, v, extra_options, out))
-            return out
-        patched.set_model_attn2_replace(spy, *block)
+    spy_on_subject_layers(monkeypatch, patched, calls)
     fused = masked[1][0]
     run_wrapped(patched, [fused, fused], [0, 1])
     assert len(calls) == 16
