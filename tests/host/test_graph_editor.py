@@ -198,12 +198,15 @@ class Editor:
         if not url.startswith("http") or url.startswith(self.server.url):
             self.errors.append(error)
 
+    def require_nodes_of(self, path: Path) -> None:
+        """Skip (a failure in CI) a shipped workflow whose other pack's nodes this server lacks (tests/peers.py)."""
+        registered = self.server.get("/object_info")
+        require_peer(registered, *{node["type"] for node in json.loads(path.read_text())["nodes"]})
+
     def open_file(self, path: Path) -> None:
-        text = path.read_text()
-        registered = self.server.get("/object_info")  # another pack's nodes are there where tests/peers.py installed it
-        require_peer(registered, *{node["type"] for node in json.loads(text)["nodes"]})
         self.dismiss_problems()
         self.errors.clear()
+        text = path.read_text()
         self.page.evaluate(OPEN_FILE, [text, path.name])
         self.wait_for_graph(json.loads(text))
 
@@ -290,6 +293,7 @@ def editor(request, tmp_path_factory):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
 def test_the_workflow_opens_clean_in_the_editor(editor, path):
+    editor.require_nodes_of(path)
     workflow = json.loads(path.read_text())
     editor.open_file(path)
     assert not editor.problems(), f"{path.name}: the editor reports {editor.problems()}"
@@ -323,6 +327,7 @@ def check_graph_as_saved(editor, workflow: dict, name: str) -> None:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda path: path.name)
 def test_the_prompt_the_editor_makes_passes_the_servers_validation(editor, path):
+    editor.require_nodes_of(path)
     editor.open_file(path)
     reply = editor.page.evaluate(QUEUE_AS_RUN_DOES, "graph-editor-test")
     assert reply["status"] == 200 and not reply["body"].get("node_errors"), f"{path.name}: {reply}"
@@ -405,6 +410,8 @@ def test_a_loader_too_narrow_for_its_file_name_is_caught(editor, tmp_path):
 
 
 def test_the_template_browser_shows_the_pack_cards_with_pictures_and_opens_them(editor):
+    for path in WORKFLOWS:
+        editor.require_nodes_of(path)
     for path in WORKFLOWS:
         workflow = json.loads(path.read_text())
         editor.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
