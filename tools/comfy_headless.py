@@ -12,7 +12,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -25,6 +24,8 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NODE = "SubjectPersonalization_FastComposerLoader"  # any node of the pack: its presence shows ComfyUI imported the pack
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MUTED_MODES = {2, 4}  # "never" and "bypass" in the graph editor
+_TRIVIAL_PROMPT = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                   "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 
 
 class HeadlessComfy(ComfyClient):
@@ -99,16 +100,16 @@ class HeadlessComfy(ComfyClient):
             self.folder_paths.add_model_folder_path(folder, str(scratch / "models" / folder), is_default=True)
 
     def free_memory(self) -> None:
-        """Drop ComfyUI's cached node outputs and loaded models, as POST /free does for the graph editor, and wait until
-        its prompt worker has. The worker reads the request after each wait for a prompt; a request that lands between
-        two waits wakes nobody and would sit unread until the next wait ends (up to 1000 s when the worker is idle), so
-        a trivial prompt is queued behind it: the worker reads the request once that prompt has run."""
+        """Drop ComfyUI's cached node outputs and loaded models, as POST /free does for the graph editor, and return only
+        once its prompt worker has. The worker unloads on its own thread, after the prompt it is running or as soon as
+        the request wakes it; ComfyUI's list of loaded models is not thread-safe (a model loaded here during that
+        unload shifts its indices, leaves an unloaded model listed, and every later load fails in `is_dead`). The
+        worker takes one prompt at a time and reads the request after each, so the second of two trivial prompts
+        starts only once the unload is over."""
         self._serve()
         self.post("/free", {"unload_models": True, "free_memory": True})
-        self.execute({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-                      "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
-        while self.server.prompt_queue.get_flags(reset=False):
-            time.sleep(0.02)
+        for _ in range(2):
+            self.execute(_TRIVIAL_PROMPT)
 
     def pack_module(self, name: str):
         """A module of the pack as ComfyUI loaded it (from custom_nodes, under its folder's name): e.g. "nodes.subjects"."""

@@ -1,9 +1,11 @@
 """The supported host range as ComfyUI itself reads it, the headless runner as main.py runs ComfyUI, and the main job's
 answer when a workflow's files are missing (its self-check runs in test_readme_commands.py, as the README writes it)."""
+import importlib
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,46 @@ def test_the_headless_runner_queues_prompts_on_main_pys_own_prompt_worker(comfy)
     assert "1" not in cached[0] and "1" in cached[1], f"main.py's cache keeps the first run's outputs: {cached}"
     tools = PACK_ROOT / "tools"
     assert not [path.name for path in tools.glob("*.py") if "PromptExecutor" in path.read_text()]
+
+
+@pytest.mark.compat
+def test_free_memory_returns_only_once_the_worker_has_unloaded(comfy, fastcomposer_models, monkeypatch):
+    """ComfyUI's prompt worker unloads models on its own thread, the tests load them on theirs, and ComfyUI's list of
+    loaded models is not thread-safe: in CI a load during the unload left an unloaded model listed, and every later
+    load failed in `is_dead`. So the runner's free_memory returns only once the unload is over, also when the request
+    lands while the worker is busy between two waits for a prompt (held here in its clean-up after a prompt) and the
+    unload is slow (made so here)."""
+    management = importlib.import_module("comfy.model_management")
+    hook_breaker = importlib.import_module("hook_breaker_ac10a0")  # main.py calls it at the end of its clean-up
+    unload_all_models, restore_functions = management.unload_all_models, hook_breaker.restore_functions
+    held, release = threading.Event(), threading.Event()
+
+    def held_restore_functions():
+        held.set()
+        release.wait(timeout=60)
+        restore_functions()
+
+    def slow_unload_all_models():
+        time.sleep(2)
+        unload_all_models()
+
+    clip = fastcomposer_models[1]
+    clip.encode_from_tokens(clip.tokenize("a photo"))
+    assert any(loaded.model is clip.patcher for loaded in management.current_loaded_models)
+    monkeypatch.setattr(management, "unload_all_models", slow_unload_all_models)
+    monkeypatch.setattr(hook_breaker, "restore_functions", held_restore_functions)
+    comfy.execute({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7}},
+                   "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+    assert held.wait(timeout=30), "main.py's prompt worker did not clean up after the prompt within 30 s"
+    freeing = threading.Thread(target=comfy.free_memory, name="free_memory")
+    freeing.start()
+    while freeing.is_alive() and not comfy.server.prompt_queue.get_flags(reset=False):
+        time.sleep(0.01)  # the request is in, unread by the held worker
+    release.set()
+    freeing.join(timeout=120)
+    assert not freeing.is_alive(), "free_memory did not return within 120 s"
+    listed = [type(loaded.model).__name__ for loaded in management.current_loaded_models if loaded.model is not None]
+    assert not listed, f"free_memory returned while ComfyUI still listed loaded models: {listed}"
 
 
 def main_job(tmp_path: Path, workflow: str) -> subprocess.CompletedProcess:
