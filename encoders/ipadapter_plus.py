@@ -43,12 +43,19 @@ Variants, told apart by their keys in the order diffusers' `_convert_ip_adapter_
   ip_adapter.<i>.to_{q,k,v,out}_lora.*       the FaceID family's LoRA on the UNet's attention: refused
   image_proj.latents, proj_in, layers.*...   IP-Adapter Plus: imported
 Any other key is refused, listed.
+
+The inverse, `ip_adapter_plus_state_dict` / `save_ip_adapter_plus`, writes a nested adapter as an IP-Adapter Plus
+.safetensors file (what `train` writes with attention = "decoupled"). It holds what IP-Adapter's layout can: the
+resampler without a base token, norm_out after proj_out, heads of 64 (a file gives only widths), and the per-layer maps;
+no fine-tuned CLIP vision layers, no identity branch. The subject token, domain and word are the loader's caller's.
 """
+import json
 import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import save_file
 
 from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict
 from .nested_adapter import CLIP_VISION, TEXT_ENCODER_WIDTHS, NestedAdapter, assembled_adapter, placeholder_state
@@ -91,6 +98,9 @@ _BLOCK = {  # inside layers.<n>.
 }
 _BLOCK_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LAYER_MAP = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
+_RESAMPLER_NAME = {ours: theirs for theirs, ours in _RESAMPLER.items()}  # the export's direction
+_BLOCK_NAME = {ours: theirs for theirs, ours in _BLOCK.items()}
+_ADAPTER_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 class WrongTextEncoders(ValueError):
@@ -105,6 +115,17 @@ def resampler_key(name: str) -> str | None:
     block = _BLOCK_KEY.match(name)
     if block is not None and block.group(2) in _BLOCK:
         return f"resampler.blocks.{block.group(1)}.{_BLOCK[block.group(2)]}"
+    return None
+
+
+def ip_resampler_name(key: str) -> str | None:
+    """A SubjectResampler state-dict key (without `resampler.`) -> IP-Adapter's name for it, or None if it has none;
+    the inverse of `resampler_key`."""
+    if key in _RESAMPLER_NAME:
+        return _RESAMPLER_NAME[key]
+    block = _ADAPTER_BLOCK_KEY.match(key)
+    if block is not None and block.group(2) in _BLOCK_NAME:
+        return f"layers.{block.group(1)}.{_BLOCK_NAME[block.group(2)]}"
     return None
 
 
@@ -216,3 +237,59 @@ def load_ip_adapter_plus(path: str | Path, initializer_word: str, initializer_em
         raise UnreadableFile(path, str(error), IP_ADAPTER_FIX) from None
     adapter.name = path.stem
     return adapter
+
+
+def check_ip_adapter_layout(adapter: NestedAdapter) -> None:
+    """ValueError naming what of the adapter an IP-Adapter Plus file cannot hold, and the training option that avoids
+    it; None when `ip_adapter_plus_state_dict` loads back as exactly this adapter's tokens and maps."""
+    config, resampler = adapter.resampler.config, adapter.resampler
+    if len(adapter.vision_layers):
+        raise ValueError(f"it carries {len(adapter.vision_layers)} fine-tuned CLIP vision layers, which an IP-Adapter "
+                         f"Plus file cannot hold (IP-Adapter reads the CLIP vision model's hidden state as it is): "
+                         f"train with train_vision_layers = 0")
+    if adapter.vision_hidden_state != "penultimate":
+        raise ValueError(f"it reads CLIP vision's {adapter.vision_hidden_state} hidden state, IP-Adapter Plus the "
+                         f"penultimate one: train it on the penultimate hidden state")
+    inner = config.inner_width
+    if inner != config.heads * IP_HEAD_SIZE:
+        fix = f"set encoder.heads = {inner // IP_HEAD_SIZE}" if inner % IP_HEAD_SIZE == 0 else \
+            f"make encoder.width a multiple of {IP_HEAD_SIZE} and encoder.heads that width / {IP_HEAD_SIZE}"
+        raise ValueError(f"its resampler's attention is {inner} wide in {config.heads} heads of "
+                         f"{inner // config.heads}, but IP-Adapter's layout fixes the head size at {IP_HEAD_SIZE} (a "
+                         f"file gives only the width): {fix}")
+    if not config.norm_after_projection:
+        raise ValueError("its resampler applies norm_out before proj_out; IP-Adapter's applies it after: train with "
+                         "encoder.norm_after_projection = true")
+    if resampler.base_token.any():
+        raise ValueError("its resampler adds a base token to every subject token, which IP-Adapter's resampler has "
+                         "not: train it with attention = 'decoupled' from a fresh start or an IP-Adapter Plus file, "
+                         "which keep the base token at zero")
+    unnamed = [key for key in resampler.state_dict() if key != "base_token" and ip_resampler_name(key) is None]
+    if unnamed:
+        raise ValueError(f"its resampler has parts IP-Adapter's has not: {listed_keys(unnamed)}; train without them "
+                         f"(no encoder.identity_width)")
+
+
+def ip_adapter_plus_state_dict(adapter: NestedAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (detached, dtypes kept) in the flat .safetensors layout `nested_adapter_from_ip_adapter`
+    reads: image_proj.<IP-Adapter resampler key>, ip_adapter.<i>.to_{k,v}_ip.weight with diffusers' numbering
+    (unet_layers.ip_adapter_layers). Loaded back, it gives exactly this adapter's subject tokens and K~, V~; ValueError
+    from `check_ip_adapter_layout` where it could not."""
+    check_ip_adapter_layout(adapter)
+    state = {f"image_proj.{ip_resampler_name(key)}": tensor.detach()
+             for key, tensor in adapter.resampler.state_dict().items() if key != "base_token"}
+    for number, layer in ip_adapter_layers(adapter.base_family).items():
+        maps = adapter.projections.maps[layer.key]
+        state[f"ip_adapter.{number}.to_k_ip.weight"] = maps.to_k.weight.detach()
+        state[f"ip_adapter.{number}.to_v_ip.weight"] = maps.to_v.weight.detach()
+    return state
+
+
+def save_ip_adapter_plus(path: str | Path, adapter: NestedAdapter) -> None:
+    """The adapter as an IP-Adapter Plus .safetensors file (`ip_adapter_plus_state_dict`), its provenance as JSON in the
+    metadata; written beside `path` and renamed into place, so no reader ever sees a part of it."""
+    path = Path(path)
+    tensors = {key: tensor.contiguous() for key, tensor in ip_adapter_plus_state_dict(adapter).items()}
+    partial = path.with_name(f"{path.name}.partial")
+    save_file(tensors, str(partial), metadata={"provenance": json.dumps(adapter.provenance)})
+    partial.replace(path)

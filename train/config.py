@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..encoders.checkpoint_io import UnreadableFile, read_json, read_toml
 
+ATTENTION_FORMS = ("nested", "decoupled")  # train/objective.py: the subject gated by its token, or IP-Adapter's ungated
 CONFIG_FIX = "correct the file: TOML (.toml) or JSON (any other name); train/config.py lists the options"
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     mixed_precision: str = "no"             # no | bf16 | fp16
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0                  # 0: no EMA; e.g. 0.999
+    attention: str = "nested"               # nested | decoupled: IP-Adapter's ungated form, saved as IP-Adapter Plus
     subject_dropout: float = 0.1            # per subject, for classifier-free guidance on the subject
     localization_weight: float = 0.0        # FastComposer's balanced localisation loss (needs masks); 1e-3 in the paper
     masked_loss_probability: float = 0.0    # chance per image that the denoising loss counts only subject pixels
@@ -43,6 +45,20 @@ class TrainConfig:
     validation: list = field(default_factory=list)  # [{prompt, word, reference}], rendered through the nodes' patch
     validation_steps: int = 20
     device: str = ""                        # "" = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be {' or '.join(ATTENTION_FORMS)}, got {self.attention!r}")
+        if self.attention == "decoupled" and self.localization_weight > 0:
+            raise ValueError(f"localization_weight is {self.localization_weight}, but attention = 'decoupled' adds the "
+                             f"subject to every query: no subject token's attention to localise; set "
+                             f"localization_weight = 0, or attention = 'nested'")
+        if self.attention == "decoupled" and self.train_vision_layers:
+            raise ValueError(f"train_vision_layers is {self.train_vision_layers}, but attention = 'decoupled' writes "
+                             f"IP-Adapter Plus files, which hold no CLIP vision layers: set train_vision_layers = 0, or "
+                             f"attention = 'nested'")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -64,10 +80,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    config = TrainConfig(**values)
-    if config.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
-    return config
+    return TrainConfig(**values)
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -2,7 +2,8 @@
 
 The UNet is ComfyUI's own module, called the way ComfyUI's BaseModel calls it, with an attn2 replacement
 that applies `attention.subject_attention` (the function the inference patch uses) with per-row nested
-keys/values that carry gradients back to the adapter.
+keys/values that carry gradients back to the adapter; or, with attention = "decoupled", IP-Adapter's ungated
+decoupled cross-attention over the same keys/values (`decoupled_attention`).
 """
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..attention.localization_loss import balanced_localization_loss
-from ..attention.subject_attention import SubjectBinding, subject_attention
+from ..attention.subject_attention import SubjectBinding, plain_attention, subject_attention
 from ..attention.subject_masks import layer_query_mask
 from ..nodes.subject_patch import layer_key
 
@@ -19,6 +20,7 @@ LOCALIZATION_BLOCKS = {"sd15": {("input", 4), ("input", 5), ("input", 7), ("inpu
                                 ("output", 3), ("output", 4), ("output", 5), ("output", 6), ("output", 7), ("output", 8)},
                        "sdxl": {("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0),
                                 ("output", 0), ("output", 1), ("output", 2), ("output", 3), ("output", 4), ("output", 5)}}
+DECOUPLED_SCALE = 1.0  # IP-Adapter trains its image attention at scale 1; users change it at inference
 
 
 def prediction_target(model_sampling, sigma: torch.Tensor, latent: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,8 @@ def prediction_target(model_sampling, sigma: torch.Tensor, latent: torch.Tensor,
 
 
 class TrainingAttention:
-    """attn2 replacements that apply this step's subject bindings and collect the subject attention maps."""
+    """attn2 replacements that apply this step's subject bindings and collect the subject attention maps (nested), or
+    add the subjects IP-Adapter's way (decoupled)."""
 
     def __init__(self, family: str, record_localization: bool):
         self.localization_blocks = LOCALIZATION_BLOCKS[family] if record_localization else set()
@@ -57,10 +60,33 @@ class TrainingAttention:
         self.probs.append((probs.float(), tuple(extra_options["activations_shape"][-2:])))
         return out
 
+    def decoupled(self, q, k, v, extra_options):
+        """The attn2 replacement for attention = "decoupled": every present subject added to every query, ungated."""
+        key = layer_key(extra_options)
+        subjects = [(index >= 0, *keys_values[key]) for index, keys_values in zip(self.token_index, self.nested)]
+        return decoupled_attention(q, k, v, extra_options["n_heads"], subjects, DECOUPLED_SCALE)
+
     def localization_loss(self, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """masks (B, S, h, w) at latent resolution, present (B, S): the balanced loss averaged over layer calls."""
         losses = [balanced_localization_loss(probs, _layer_masks(masks, size), present) for probs, size in self.probs]
         return torch.stack(losses).mean()
+
+
+def decoupled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                        subjects: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """IP-Adapter's decoupled cross-attention (Ye et al., 2023), ungated, per head:
+
+        out = softmax(q K^T / sqrt(d)) V + scale * sum_i softmax(q K_i^T / sqrt(d)) V_i
+
+    subjects: per subject i, (rows (B,) bool: the rows that carry it, K_i, V_i (B, M, H*d)), K_i = E_i A_k and
+    V_i = E_i A_v its tokens through this layer's maps, the nested keys/values. Rows that carry no subject are plain
+    attention bit for bit. Both terms through the pack's kernel (plain_attention: SDPA at its default scale)."""
+    out = plain_attention(q, k, v, heads)
+    for rows, keys, values in subjects:
+        if bool(rows.any()):  # rows live on the CPU (token positions): no device sync
+            image = plain_attention(q, keys.to(q), values.to(q), heads)
+            out = torch.where(rows.to(q.device)[:, None, None], out + scale * image, out)
+    return out
 
 
 def _layer_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

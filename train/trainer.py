@@ -6,6 +6,7 @@ draw of a step (data order, reference choice, subject dropout, timesteps, noise)
 """
 import contextlib
 import csv
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..encoders.checkpoint_io import UnreadableFile, check_model_file
-from ..encoders.nested_adapter import load_nested_adapter, save_nested_adapter
+from ..encoders.ipadapter_plus import check_ip_adapter_layout, load_ip_adapter_plus, save_ip_adapter_plus
+from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, save_nested_adapter
 from ..nodes.base_model import model_cross_attention_layers, model_family
 from .config import TrainConfig, config_dict
 from .dataset import SubjectDataset
@@ -86,6 +88,30 @@ def step_generator(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0]))
 
 
+def decoupled_starting_adapter(config: TrainConfig, base: BaseModels) -> NestedAdapter:
+    """The adapter a decoupled run starts from: init_from's weights, or a fresh adapter in IP-Adapter Plus's layout
+    (norm_out after proj_out) started as `fresh_ip_adapter` says."""
+    if config.init_from:
+        return starting_adapter(config, base)
+    encoder = {"norm_after_projection": True, **config.encoder}
+    return fresh_ip_adapter(starting_adapter(dataclasses.replace(config, encoder=encoder), base), config.seed)
+
+
+@torch.no_grad()
+def fresh_ip_adapter(adapter: NestedAdapter, seed: int) -> NestedAdapter:
+    """A fresh adapter made a fresh IP-Adapter, as IP-Adapter's training starts one (a random resampler, to_k_ip the
+    base's to_k) but for to_v_ip: zero, so that the first step adds nothing to the base model's attention, as a fresh
+    nested adapter's does. No base token (IP-Adapter's resampler has none); proj_out drawn as nn.Linear draws it, since
+    norm_out after it would give every image the same tokens from a zero proj_out."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter.resampler.proj_out.reset_parameters()
+    adapter.resampler.base_token.zero_()
+    for maps in adapter.projections.maps.values():
+        maps.to_v.weight.zero_()
+    return adapter
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, base: BaseModels, rank: int = 0, world_size: int = 1, adapter=None):
         self.config, self.base, self.rank, self.world_size = config, base, rank, world_size
@@ -95,15 +121,27 @@ class Trainer:
         self.output = Path(config.output)
         self.family = model_family(base.model)
         self.layers = model_cross_attention_layers(base.model)
-        self.adapter = adapter if adapter is not None else starting_adapter(config, base)
+        if adapter is None:
+            adapter = decoupled_starting_adapter(config, base) if config.attention == "decoupled" else \
+                starting_adapter(config, base)
+        self.adapter = adapter
         self.adapter.to(self.device).float().train()
         self.adapter.placeholder_embeddings.requires_grad_(False)  # s* stays fixed: the cached contexts depend on it
+        if config.attention == "decoupled":
+            try:  # refused now rather than at the first checkpoint
+                check_ip_adapter_layout(self.adapter)
+            except ValueError as error:
+                start = f" (init_from {Path(config.init_from).name})" if config.init_from else ""
+                raise ValueError(f"attention = 'decoupled' writes IP-Adapter Plus files, which cannot hold the starting "
+                                 f"adapter{start}: {error}") from None
+            self.adapter.resampler.base_token.requires_grad_(False)  # IP-Adapter's resampler has none: it stays 0
         self.unet = base.model.model.diffusion_model.to(self.device).requires_grad_(False).eval()
         # What ComfyUI's apply_model casts the UNet's inputs to: its weights' dtype (fp16 or bf16 on most GPUs) or the
         # dtype its ops compute in when they cast the weights (manual cast).
         self.unet_dtype = base.model.model.manual_cast_dtype or base.model.model.get_dtype()
         self.model_sampling = base.model.model.model_sampling.to(self.device)
         self.attention = TrainingAttention(self.family, config.localization_weight > 0)
+        self.replacement = self.attention.decoupled if config.attention == "decoupled" else self.attention.replacement
         self.encoder = SubjectEncoderTraining(self.adapter)
         self.trainable = DistributedDataParallel(self.encoder) if world_size > 1 else self.encoder
         vision = list(self.adapter.vision_layers.parameters())
@@ -183,7 +221,7 @@ class Trainer:
                 references, placement = [examples[0].references[0][0]], [(0, 0)]
             nested = self.trainable(torch.stack(references).to(device), placement, batch, slots)
         self.attention.set_step(token_index, nested)
-        options = {"patches_replace": {"attn2": {layer.block: self.attention.replacement for layer in self.layers}}}
+        options = {"patches_replace": {"attn2": {layer.block: self.replacement for layer in self.layers}}}
         # A UNet ComfyUI loaded in fp16 or bf16 computes in that dtype, as it does in ComfyUI: autocast to the other
         # half dtype would give its norms inputs of one dtype and weights of the other.
         unet_autocast = torch.autocast(device.type, dtype=autocast_dtype,
@@ -289,7 +327,7 @@ class Trainer:
                               "dataset": str(self.config.data), "examples": len(self.dataset),
                               "processes": self.world_size, "ema": self.ema is not None,
                               "config": config_dict(self.config)}
-        save_nested_adapter(path, adapter)
+        (save_ip_adapter_plus if self.config.attention == "decoupled" else save_nested_adapter)(path, adapter)
         state = {"step": self.step, "adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -307,7 +345,11 @@ class Trainer:
         if not state_file(checkpoint).is_file():
             raise UnreadableFile(state_file(checkpoint), "it is missing: resuming needs the training state written "
                                                          "with the checkpoint", RESUME_FIX)
-        load_nested_adapter(checkpoint)  # refuses anything that is not an adapter file
+        if self.config.attention == "decoupled":  # refuses anything that is not an IP-Adapter Plus file
+            load_ip_adapter_plus(checkpoint, self.adapter.initializer_word,
+                                 {key: value.detach() for key, value in self.adapter.placeholder_embeddings.items()})
+        else:
+            load_nested_adapter(checkpoint)  # refuses anything that is not an adapter file
         state = read_training_state(state_file(checkpoint), self.adapter)
         self.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,7 +1,9 @@
 """IP-Adapter files through encoders/ipadapter_plus.py: Plus files of both families and both published forms become the
 same nested adapter; every other variant, unknown keys, hostile pickles and damaged files are refused with the file,
-the problem and the fix. Narrow widths (the claims here do not depend on size; tests/host/test_ipadapter_plus.py checks
-the published shapes against diffusers)."""
+the problem and the fix; a nested adapter in IP-Adapter's layout is written as a Plus file that loads back exactly, and
+one that is not is refused. Narrow widths (the claims here do not depend on size; tests/host/test_ipadapter_plus.py
+checks the published shapes against diffusers)."""
+import json
 import re
 from types import SimpleNamespace
 
@@ -9,10 +11,14 @@ import pytest
 import torch
 
 from ipadapter_files import flattened, ip_adapter_plus, other_variant, write_ip_adapter
-from subject_personalization.encoders.checkpoint_io import UnreadableFile
-from subject_personalization.encoders.ipadapter_plus import WrongTextEncoders, load_ip_adapter_plus
-from subject_personalization.encoders.nested_adapter import check_compatible, load_nested_adapter, save_nested_adapter
-from subject_personalization.encoders.unet_layers import CONTEXT_WIDTH, cross_attention_layers, ip_adapter_layers
+from subject_personalization.encoders.checkpoint_io import UnreadableFile, read_safetensors
+from subject_personalization.encoders.ipadapter_plus import (WrongTextEncoders, ip_adapter_plus_state_dict,
+                                                            load_ip_adapter_plus, save_ip_adapter_plus)
+from subject_personalization.encoders.nested_adapter import (NestedAdapter, check_compatible, load_nested_adapter,
+                                                            save_nested_adapter)
+from subject_personalization.encoders.subject_resampler import ResamplerConfig
+from subject_personalization.encoders.unet_layers import (CONTEXT_WIDTH, cross_attention_layers, ip_adapter_layers,
+                                                         layers_with_widths)
 
 FIX = "use an IP-Adapter Plus file"
 EMBEDDINGS = {"sd15": {"l": torch.randn(768)}, "sdxl": {"l": torch.randn(768), "g": torch.randn(1280)}}
@@ -189,3 +195,84 @@ def test_the_safetensors_form_is_the_flattened_bin():
     flat = flattened(grouped)
     assert "image_proj.latents" in flat and "ip_adapter.31.to_v_ip.weight" in flat and len(flat) == \
         len(grouped["image_proj"]) + len(grouped["ip_adapter"])
+
+
+# NARROW_RESAMPLER's sizes as a ResamplerConfig, in IP-Adapter's layout: norm_out after proj_out, heads of 64.
+NARROW_CONFIG = dict(vision_width=1280, num_queries=4, depth=2, width=96, heads=2, attention_width=128, ff_mult=2,
+                     norm_after_projection=True)
+
+
+def adapter_in_plus_layout(family: str, seed: int = 0, vision_layers: int = 0, **encoder) -> NestedAdapter:
+    """A NestedAdapter with every tensor its own seeded draw but the base token (zero), every attn2 layer 64 wide."""
+    config = ResamplerConfig(**(NARROW_CONFIG | {"output_width": CONTEXT_WIDTH[family]} | encoder))
+    layers = layers_with_widths(family, {layer.key: 64 for layer in cross_attention_layers(family)})
+    adapter = NestedAdapter(family, config, "other", "person", layers=layers, vision_layers=vision_layers)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapter.named_parameters():
+            if name != "resampler.base_token":
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter.shape[-1] ** -0.5)
+    return adapter
+
+
+@pytest.mark.parametrize("family, optional", [("sd15", {}), ("sdxl", {}),
+                                              ("sd15", {"pooled_queries": 2, "position_embeddings": 257})])
+def test_an_adapter_written_as_ip_adapter_plus_loads_back_exactly(tmp_path, family, optional):
+    """Written in the published layout (the keys and shapes tests/ipadapter_files.py makes for the same sizes), read
+    back by the pack's loader: the same resampler, layers, subject tokens and K~, V~, bit for bit."""
+    adapter = adapter_in_plus_layout(family, **optional)
+    adapter.provenance = {"step": 7}
+    state = ip_adapter_plus_state_dict(adapter)
+    published = flattened(narrow_plus(family, max_seq_len=optional.get("position_embeddings", 0),
+                                      num_latents_mean_pooled=optional.get("pooled_queries", 0)))
+    assert {key: tuple(tensor.shape) for key, tensor in state.items()} == \
+        {key: tuple(tensor.shape) for key, tensor in published.items()}
+
+    path = tmp_path / f"written_{family}.safetensors"
+    save_ip_adapter_plus(path, adapter)
+    assert sorted(tmp_path.iterdir()) == [path], "nothing but the file is left beside it"
+    metadata, tensors = read_safetensors(path)
+    assert json.loads(metadata["provenance"]) == {"step": 7}
+    assert tensors.keys() == state.keys() and all(torch.equal(tensors[key], state[key]) for key in state)
+    loaded = load(path, family)
+    assert loaded.resampler.config == adapter.resampler.config
+    assert [(layer.key, layer.inner_dim, layer.heads) for layer in loaded.layers] == \
+        [(layer.key, layer.inner_dim, layer.heads) for layer in adapter.layers]
+    image = torch.randn(2, 257, 1280, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = adapter.subject_tokens(image)
+        assert torch.equal(loaded.subject_tokens(image), tokens)
+        keys_values, loaded_keys_values = adapter.projections.project(tokens), loaded.projections.project(tokens)
+    for key, (keys, values) in keys_values.items():
+        assert torch.equal(loaded_keys_values[key][0], keys) and torch.equal(loaded_keys_values[key][1], values), key
+
+
+@pytest.mark.parametrize("encoder, change, problem", [
+    (dict(heads=4), None, r"its resampler's attention is 128 wide in 4 heads of 32, but IP-Adapter's layout fixes the "
+                          r"head size at 64 \(a file gives only the width\): set encoder\.heads = 2$"),
+    (dict(attention_width=None), None, r"attention is 96 wide in 2 heads of 48, .*: make encoder\.width a multiple of "
+                                       r"64 and encoder\.heads that width / 64$"),
+    (dict(norm_after_projection=False), None, r"applies norm_out before proj_out; IP-Adapter's applies it after: train "
+                                              r"with encoder\.norm_after_projection = true$"),
+    ({}, lambda adapter: adapter.resampler.base_token.data.fill_(0.5),
+     r"adds a base token to every subject token, which IP-Adapter's resampler has not: train it with attention = "
+     r"'decoupled' from a fresh start or an IP-Adapter Plus file, which keep the base token at zero$"),
+    ({}, lambda adapter: setattr(adapter, "vision_hidden_state", "last"),
+     r"reads CLIP vision's last hidden state, IP-Adapter Plus the penultimate one"),
+    (dict(identity_width=512, identity_tokens=2), None,
+     r"its resampler has parts IP-Adapter's has not: identity\.0\.bias, identity\.0\.weight, identity\.1\.bias, "
+     r"identity\.1\.weight, identity\.3\.bias, identity\.3\.weight; train without them"),
+])
+def test_an_adapter_ip_adapter_plus_cannot_hold_is_refused(tmp_path, encoder, change, problem):
+    adapter = adapter_in_plus_layout("sd15", **encoder)
+    if change is not None:
+        change(adapter)
+    with pytest.raises(ValueError, match=problem):
+        save_ip_adapter_plus(tmp_path / "refused.safetensors", adapter)
+    assert not any(tmp_path.iterdir()), "a refused adapter leaves no file"
+
+
+def test_fine_tuned_vision_layers_are_refused():
+    with pytest.raises(ValueError, match=r"^it carries 1 fine-tuned CLIP vision layers, which an IP-Adapter Plus file "
+                                         r"cannot hold .*: train with train_vision_layers = 0$"):
+        ip_adapter_plus_state_dict(adapter_in_plus_layout("sd15", vision_layers=1))

@@ -12,7 +12,7 @@ import pytest
 PACK_ROOT = Path(__file__).resolve().parents[2]
 OLDEST_PYTHON = "3.10"
 # What ComfyUI imports or the user runs; the tests run on the CI's Python and may use what it has.
-SHIPPED = ["__init__.py", "attention", "encoders", "nodes", "tools", "train", "bench"]
+SHIPPED = ["__init__.py", "attention", "encoders", "nodes", "tools", "train", "study", "bench"]
 VERMIN = [str(Path(sys.executable).with_name("vermin")), f"--target={OLDEST_PYTHON}-", "--violations", "--no-tips"]
 
 
