@@ -114,7 +114,7 @@ def training_images(identities: list, recipe: BaseRecipe) -> tuple[torch.Tensor,
     return torch.from_numpy(np.stack(images)).float() / 255, captions
 
 
-def train_unet(model, clip, vae, images: torch.Tensor, captions: list[str], recipe: BaseRecipe, log=print) -> list[float]:
+def train_unet(model, clip, vae, images: torch.Tensor, captions: list[str], recipe: BaseRecipe, log) -> list[float]:
     """Minibatch Adam on the denoising loss of ComfyUI's model sampling (the pack's trainer's objective), cosine decay."""
     from ..train.objective import noised, prediction_target
     contexts = {text: clip.encode_from_tokens(clip.tokenize(text)).float() for text in sorted(set(captions))}
@@ -135,14 +135,14 @@ def train_unet(model, clip, vae, images: torch.Tensor, captions: list[str], reci
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
             log(f"  base step {step + 1}/{recipe.steps}: loss {np.mean(losses[-100:]):.4f}")
     network.requires_grad_(False).eval()
     return losses
 
 
-def base_model(folder: Path, identities: list, recipe: BaseRecipe, log=print):
+def base_model(folder: Path, identities: list, recipe: BaseRecipe, log):
     """The trained UNet from the cache, else trained now and cached (written beside, renamed into place)."""
     import comfy.utils
     import safetensors.torch

@@ -54,6 +54,11 @@ def smoke_options(output: Path) -> StudyOptions:
 
 
 # ---------------------------------------------------------------- statistics
+def say(message: str) -> None:
+    """One line of the study's log, at once (ComfyUI's log interceptor holds stdout back otherwise)."""
+    print(message, flush=True)
+
+
 def interval(values: list[float]) -> dict:
     """Mean over seeds with a 95% t interval (half-width; none for one seed)."""
     mean = float(np.mean(values))
@@ -296,7 +301,7 @@ def reference_images(identities: list, seed: int) -> dict[int, np.ndarray]:
 
 
 # ---------------------------------------------------------------- the run
-def run(options: StudyOptions, log=print) -> dict:
+def run(options: StudyOptions, log=say) -> dict:
     from ..encoders.nested_adapter import load_nested_adapter
     from ..train.trainer import BaseModels
     started = time.perf_counter()
