@@ -34,7 +34,7 @@ class BaseRecipe:
     """Everything the base model is rebuilt from."""
     seed: int = 0
     steps: int = 1500
-    batch_size: int = 64
+    batch_size: int = 32
     learning_rate: float = 1e-3
     views_per_scene: int = 2       # training images per (identity, scene)
 

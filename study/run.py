@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (training and sampling)")
     parser.add_argument("--held-out", default="12,13,14,15", help="comma-separated identity numbers never trained on")
     parser.add_argument("--base-steps", type=int, default=BaseRecipe.steps, help="the base model's training steps")
+    parser.add_argument("--base-batch-size", type=int, default=BaseRecipe.batch_size)
     parser.add_argument("--adapter-steps", type=int, default=StudyOptions.adapter_steps)
     parser.add_argument("--smoke", action="store_true", help="every stage, a few steps each (CI); findings meaningless")
     parser.add_argument("--comfyui", help="the ComfyUI checkout (default: $COMFYUI_PATH)")
@@ -435,5 +436,6 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         options = StudyOptions(output, seeds=tuple(int(s) for s in args.seeds.split(",")),
                                held_out=tuple(int(s) for s in args.held_out.split(",")),
-                               base=BaseRecipe(steps=args.base_steps), adapter_steps=args.adapter_steps)
+                               base=BaseRecipe(steps=args.base_steps, batch_size=args.base_batch_size),
+                               adapter_steps=args.adapter_steps)
     return run(options)

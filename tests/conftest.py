@@ -39,11 +39,20 @@ def pytest_addoption(parser) -> None:
                           "workflow executed once (tests/pytest.ini)")
 
 
+# Host modules whose own full-size models and float64 references need the memory that the session's shared models
+# hold once loaded: they run first among the host tests (CI's machine has 24 GB; after the others, one was killed).
+RUN_FIRST = ("host/test_fastcomposer_exactness.py::",)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if config.getoption("compat"):
         kept = [item for item in items if item.get_closest_marker("compat") or item.get_closest_marker("browser")]
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
+    first = [item for item in items if item.nodeid.startswith(RUN_FIRST)]
+    rest = [item for item in items if item not in first]
+    host = next((number for number, item in enumerate(rest) if item.nodeid.startswith("host/")), len(rest))
+    items[:] = rest[:host] + first + rest[host:]
 
 
 pytest_collectreport = _note_host_skip
