@@ -294,6 +294,22 @@ def two_subjects(generate: Generator, adapters: dict, identities: list, held_out
     return results
 
 
+def image_encoder_identity(clip_vision, held_out: list, views: int = 4) -> dict:
+    """Whether the frozen image encoder carries identity for unseen subjects: each held-out identity's reference photos,
+    drawn twice over; every photo of the second draw is matched (cosine of the mean penultimate token) to the nearest
+    of the first draw's. Chance is 1 / len(held_out)."""
+    first, second = (np.random.default_rng([4, draw]) for draw in (0, 1))
+
+    def features(rng) -> torch.Tensor:
+        photos = torch.cat([to_image(world.draw_reference(identity, rng)) for identity in held_out for _ in range(views)])
+        return torch.nn.functional.normalize(clip_vision.encode_image(photos)["penultimate_hidden_states"].mean(1), dim=-1)
+
+    owners = torch.arange(len(held_out)).repeat_interleave(views)
+    nearest = (features(second) @ features(first).T).argmax(dim=1)
+    return {"accuracy": float((owners[nearest] == owners).float().mean()), "chance": 1 / len(held_out),
+            "photos": len(owners)}
+
+
 def reference_images(identities: list, seed: int) -> dict[int, np.ndarray]:
     """One reference photo per identity for the evaluation (drawn apart from the training references)."""
     rng = np.random.default_rng([seed, 3])
@@ -317,12 +333,15 @@ def run(options: StudyOptions, log=say) -> dict:
 
     clip, vae = text_encoder(), pixel_vae()
     clip_vision = CachedImageEncoder(image_encoder())
+    encoder_check = image_encoder_identity(clip_vision, held_out)
+    log(f"image encoder: nearest reference of the same held-out identity {encoder_check['accuracy']:.2f} "
+        f"(chance {encoder_check['chance']:.2f})")
     model = base_model(options.output / "base", training, options.base, log)
     generate = Generator(model, clip, vae, clip_vision, options)
 
     report = {"options": {**asdict(options), "output": str(options.output)}, "scorer_validation": asdict(validation),
-              "seeds": {}}
-    prior = identity_against_prompt_prior(generate, identities, held_out, options)
+              "image_encoder": encoder_check, "seeds": {}}
+    prior = prior_scores(generate, identities, held_out)
     report["prior"] = prior
     log(f"prior: background {prior['background']:.2f}, side {prior['side']:.2f}, ball {prior['ball']:.2f}")
     if min(prior["background"], prior["side"]) < PRIOR_BAR and not options.smoke:
@@ -356,7 +375,7 @@ def run(options: StudyOptions, log=say) -> dict:
     return report
 
 
-def identity_against_prompt_prior(generate: Generator, identities: list, held_out: list, options: StudyOptions) -> dict:
+def prior_scores(generate: Generator, identities: list, held_out: list) -> dict:
     """The base model alone on every scene (seed 0's noise): how well it obeys the prompt."""
     rows = [single_scores(generate.sample(generate.model, generate.prompt(world.caption(SUBJECT_WORD, scene)), 7 + number),
                           identities, held_out[0], scene, held_out[0])
@@ -394,6 +413,8 @@ def markdown_report(report: dict) -> str:
              f"{options['images_per_condition']} images per condition, {options['sampler_steps']} sampler steps, "
              f"{report['minutes']:.1f} min.", "",
              "Prior (no adapter): " + ", ".join(f"{key} {report['prior'][key]:.2f}" for key in ("background", "side", "ball")),
+             "", f"Image encoder, nearest reference photo of the same held-out identity: "
+                 f"{report['image_encoder']['accuracy']:.2f} (chance {report['image_encoder']['chance']:.2f}).",
              "", "## Identity against prompt adherence", "",
              "| method | knob | strength | identity | prompt | background | position | ball | matches reference |",
              "|---|---|---|---|---|---|---|---|---|"]

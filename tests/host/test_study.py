@@ -21,6 +21,7 @@ def test_the_smoke_run_goes_through_every_stage(tmp_path):
     report = json.loads((output / "results.json").read_text())
     assert report["scorer_validation"]["passed"]
     assert set(report["prior"]) >= {"background", "side", "ball", "identity", "prompt"}
+    assert 0 <= report["image_encoder"]["accuracy"] <= 1
     per_seed = report["seeds"]["0"]
     methods = {entry["method"] for entry in per_seed["identity_against_prompt"].values()}
     assert methods == {"prior", "nested", "decoupled_gated", "decoupled_ungated", "nested_single_token", "wrong_reference"}
