@@ -64,6 +64,7 @@ def text_encoder(seed: int = 1):
     clip = comfy.sd.CLIP(target=comfy.supported_models.SD15(UNET_CONFIG).clip_target(),
                          model_options={"dtype": torch.float32})
     _seeded_(clip.cond_stage_model, seed)
+    clip.cond_stage_model.requires_grad_(False)  # frozen: no call outside ComfyUI's executor builds a graph through it
     return clip
 
 
@@ -74,6 +75,7 @@ def image_encoder(seed: int = 2):
     config["image_size"] = IMAGE_ENCODER_SIZE
     clip_vision = comfy.clip_vision.ClipVisionModel(config)
     _seeded_(clip_vision.model, seed)
+    clip_vision.model.requires_grad_(False)  # frozen, as the text encoder
     return clip_vision
 
 

@@ -82,6 +82,7 @@ class CachedImageEncoder:
     def __getattr__(self, name):
         return getattr(self.clip_vision, name)
 
+    @torch.no_grad()
     def encode_image(self, images: torch.Tensor, crop: bool = True) -> dict:
         rows = []
         for image in images:
