@@ -57,7 +57,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict
+from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict, written_beside
 from .nested_adapter import CLIP_VISION, TEXT_ENCODER_WIDTHS, NestedAdapter, assembled_adapter, placeholder_state
 from .subject_resampler import ResamplerConfig
 from .unet_layers import CONTEXT_WIDTH, ip_adapter_layers, layers_with_widths
@@ -288,8 +288,6 @@ def ip_adapter_plus_state_dict(adapter: NestedAdapter) -> dict[str, torch.Tensor
 def save_ip_adapter_plus(path: str | Path, adapter: NestedAdapter) -> None:
     """The adapter as an IP-Adapter Plus .safetensors file (`ip_adapter_plus_state_dict`), its provenance as JSON in the
     metadata; written beside `path` and renamed into place, so no reader ever sees a part of it."""
-    path = Path(path)
     tensors = {key: tensor.contiguous() for key, tensor in ip_adapter_plus_state_dict(adapter).items()}
-    partial = path.with_name(f"{path.name}.partial")
-    save_file(tensors, str(partial), metadata={"provenance": json.dumps(adapter.provenance)})
-    partial.replace(path)
+    with written_beside(path) as partial:
+        save_file(tensors, str(partial), metadata={"provenance": json.dumps(adapter.provenance)})

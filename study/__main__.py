@@ -1,5 +1,4 @@
 """`python -m study` from the pack's folder: boot ComfyUI headless, then run the study inside the pack's package."""
-import os
 import sys
 from pathlib import Path
 
@@ -9,12 +8,9 @@ if __name__ == "__main__":
     # The pack's folder must not shadow ComfyUI's top-level modules (`nodes`, `utils`).
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != PACK_ROOT]
     sys.path.insert(0, str(PACK_ROOT / "tools"))
-    from pack_package import register_pack
+    from pack_package import comfyui_from_command_line, register_pack
     register_pack()
-    comfyui = next((sys.argv[i + 1] for i, arg in enumerate(sys.argv[:-1]) if arg == "--comfyui"),
-                   os.environ.get("COMFYUI_PATH"))
-    if not comfyui:
-        sys.exit("set COMFYUI_PATH or pass --comfyui: the study samples with ComfyUI's own nodes")
+    comfyui = comfyui_from_command_line(sys.argv, "the study samples with ComfyUI's own nodes")
     import tempfile
 
     from subject_personalization.tools.comfy_headless import HeadlessComfy

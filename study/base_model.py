@@ -9,13 +9,13 @@ Each part is rebuilt exactly from its seed; the trained UNet is cached in the st
 """
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..encoders.checkpoint_io import written_beside
 from . import world
 
 UNET_CONFIG = {"use_checkpoint": False, "image_size": 32, "in_channels": 3, "out_channels": 3, "model_channels": 32,
@@ -158,8 +158,7 @@ def base_model(folder: Path, identities: list, recipe: BaseRecipe, log):
     images, captions = training_images(identities, recipe)
     train_unet(model, clip, vae, images, captions, recipe, log)
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     state = {name: tensor.contiguous() for name, tensor in model.model.diffusion_model.state_dict().items()}
-    safetensors.torch.save_file(state, str(partial), metadata={"recipe": json.dumps(recipe.__dict__)})
-    os.replace(partial, path)
+    with written_beside(path) as partial:
+        safetensors.torch.save_file(state, str(partial), metadata={"recipe": json.dumps(recipe.__dict__)})
     return model

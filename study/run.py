@@ -8,7 +8,6 @@ Results: <output>/results.json, <output>/report.md and <output>/identity_vs_prom
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..encoders.checkpoint_io import written_beside
 from . import world
 from .base_model import SECOND_WORD, SUBJECT_WORD, BaseRecipe, base_model, image_encoder, pixel_vae, text_encoder
 from .scorer import check_validated, score_image, score_pair, validate
@@ -436,9 +436,8 @@ def markdown_report(report: dict) -> str:
 
 def _write(path: Path, value: dict) -> None:
     """JSON written beside its target and renamed into place."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(partial, path)
+    with written_beside(path) as partial:
+        partial.write_text(json.dumps(value, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> dict:

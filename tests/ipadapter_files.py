@@ -138,3 +138,14 @@ def write_ip_adapter(path: Path, grouped: dict[str, dict[str, torch.Tensor]]) ->
     else:
         save_file({key: tensor.contiguous() for key, tensor in flattened(grouped).items()}, path)
     return path
+
+
+def assert_same_adapter(loaded, expected, vision_hidden: torch.Tensor) -> None:
+    """`loaded` computes what `expected` computes, bit for bit: subject tokens from the CLIP vision hidden states, and
+    every layer's nested keys and values from them."""
+    with torch.no_grad():
+        tokens = expected.subject_tokens(vision_hidden)
+        assert torch.equal(loaded.subject_tokens(vision_hidden), tokens)
+        ours, theirs = expected.projections.project(tokens), loaded.projections.project(tokens)
+    for key, (keys, values) in ours.items():
+        assert torch.equal(theirs[key][0], keys) and torch.equal(theirs[key][1], values), key

@@ -1,5 +1,4 @@
 """`python -m train` from the pack's folder: boot ComfyUI headless, then run the trainer inside the pack's package."""
-import os
 import sys
 from pathlib import Path
 
@@ -9,12 +8,9 @@ if __name__ == "__main__":
     # The pack's folder must not shadow ComfyUI's top-level modules (`nodes`, `utils`).
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != PACK_ROOT]
     sys.path.insert(0, str(PACK_ROOT / "tools"))
-    from pack_package import register_pack
+    from pack_package import comfyui_from_command_line, register_pack
     register_pack()
-    comfyui = next((sys.argv[i + 1] for i, arg in enumerate(sys.argv[:-1]) if arg == "--comfyui"),
-                   os.environ.get("COMFYUI_PATH"))
-    if not comfyui:
-        sys.exit("set COMFYUI_PATH or pass --comfyui: the trainer loads the base model with ComfyUI's own loader")
+    comfyui = comfyui_from_command_line(sys.argv, "the trainer loads the base model with ComfyUI's own loader")
     import torch
     from subject_personalization.tools.comfy_headless import HeadlessComfy
     arguments = sys.argv[1:]

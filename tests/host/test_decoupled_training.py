@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hostenv import require_comfyui
+from ipadapter_files import assert_same_adapter
 
 require_comfyui()
 from peers import require_peer  # noqa: E402
@@ -165,14 +166,7 @@ def test_a_decoupled_run_learns_and_writes_ip_adapter_plus_files(decoupled_run, 
 
     shutil.copy(checkpoint, comfy.model_dir("ipadapter") / TRAINED_FILE)
     (loaded,) = node("SubjectPersonalization_NestedAttentionIPAdapterLoader").load(TRAINED_FILE, base.clip, "toy")
-    trained = trainer.inference_adapter().eval()
-    hidden = reference_hidden_states(folder, base.clip_vision)
-    with torch.no_grad():
-        tokens = trained.subject_tokens(hidden)
-        assert torch.equal(loaded.subject_tokens(hidden), tokens)
-        ours, theirs = trained.projections.project(tokens), loaded.projections.project(tokens)
-    for key, (keys, values) in ours.items():
-        assert torch.equal(theirs[key][0], keys) and torch.equal(theirs[key][1], values), key
+    assert_same_adapter(loaded, trainer.inference_adapter().eval(), reference_hidden_states(folder, base.clip_vision))
 
 
 def test_ipadapter_plus_reads_the_checkpoint_as_the_trained_adapter(decoupled_run, comfy, world):
