@@ -37,13 +37,16 @@ class BaseRecipe:
     batch_size: int = 32
     learning_rate: float = 1e-3
     views_per_scene: int = 2       # training images per (identity, scene)
+    text_residual_scale: float = 0.1  # the text encoder's residual branches: see text_encoder
 
     def name(self) -> str:
-        return f"base_seed{self.seed}_steps{self.steps}_batch{self.batch_size}_lr{self.learning_rate:g}_views{self.views_per_scene}"
+        return (f"base_seed{self.seed}_steps{self.steps}_batch{self.batch_size}_lr{self.learning_rate:g}"
+                f"_views{self.views_per_scene}_text{self.text_residual_scale:g}")
 
 
-def _seeded_(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter from one seed: norms ~1, biases and vectors ~0.02, weights ~ 1/sqrt(fan-in)."""
+def _seeded_(module: torch.nn.Module, seed: int, residual_scale: float = 1.0) -> None:
+    """Fill every parameter from one seed: norms ~1, biases and vectors ~0.02, weights ~ 1/sqrt(fan-in), and the
+    transformer's residual-branch outputs (`out_proj`, `fc2`) times `residual_scale`."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
@@ -54,16 +57,22 @@ def _seeded_(module: torch.nn.Module, seed: int) -> None:
                 values = values * 0.5  # token and position embeddings: distinct words stay distinct through the layers
             else:
                 values = values / math.sqrt(parameter[0].numel())
+                if name.endswith(("out_proj.weight", "fc2.weight")):
+                    values = values * residual_scale
             parameter.copy_(values.to(parameter.dtype))
 
 
-def text_encoder(seed: int = 1):
-    """SD1.5's CLIP text encoder (ComfyUI's CLIP object) with seeded random weights."""
+def text_encoder(residual_scale: float, seed: int = 1):
+    """SD1.5's CLIP text encoder (ComfyUI's CLIP object) with seeded random weights.
+
+    At full scale twelve random layers wash the words out: two captions that differ in one word came out at cosine
+    0.996, the word's own token 5.5 apart in norm 39, and a base model trained 400 steps on them followed its prompt's
+    background in 34% of images (chance 25%). Residual branches at 0.1 keep each word's token 24 apart."""
     import comfy.sd
     import comfy.supported_models
     clip = comfy.sd.CLIP(target=comfy.supported_models.SD15(UNET_CONFIG).clip_target(),
                          model_options={"dtype": torch.float32})
-    _seeded_(clip.cond_stage_model, seed)
+    _seeded_(clip.cond_stage_model, seed, residual_scale)
     clip.cond_stage_model.requires_grad_(False)  # frozen: no call outside ComfyUI's executor builds a graph through it
     return clip
 
@@ -144,15 +153,15 @@ def train_unet(model, clip, vae, images: torch.Tensor, captions: list[str], reci
     return losses
 
 
-def base_model(folder: Path, identities: list, recipe: BaseRecipe, log):
-    """The trained UNet from the cache, else trained now and cached (written beside, renamed into place)."""
+def base_model(folder: Path, identities: list, recipe: BaseRecipe, clip, vae, log):
+    """The trained UNet from the cache, else trained now on `clip`'s captions (the recipe's text encoder) and cached
+    (written beside, renamed into place)."""
     import comfy.utils
     import safetensors.torch
     path = folder / f"{recipe.name()}.safetensors"
     if path.is_file():
         log(f"base model: {path} (cached)")
         return unet(recipe.seed, comfy.utils.load_torch_file(str(path)))
-    clip, vae = text_encoder(), pixel_vae()
     model = unet(recipe.seed)
     log(f"base model: training {recipe.name()} on {len(identities)} identities")
     images, captions = training_images(identities, recipe)

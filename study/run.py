@@ -332,12 +332,12 @@ def run(options: StudyOptions, log=say) -> dict:
     log(f"scorer validation: ground truth {validation.ground_truth}, noise {validation.noise}")
     check_validated(validation)
 
-    clip, vae = text_encoder(), pixel_vae()
+    clip, vae = text_encoder(options.base.text_residual_scale), pixel_vae()
     clip_vision = CachedImageEncoder(image_encoder())
     encoder_check = image_encoder_identity(clip_vision, held_out)
     log(f"image encoder: nearest reference of the same held-out identity {encoder_check['accuracy']:.2f} "
         f"(chance {encoder_check['chance']:.2f})")
-    model = base_model(options.output / "base", training, options.base, log)
+    model = base_model(options.output / "base", training, options.base, clip, vae, log)
     generate = Generator(model, clip, vae, clip_vision, options)
 
     report = {"options": {**asdict(options), "output": str(options.output)}, "scorer_validation": asdict(validation),

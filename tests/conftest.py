@@ -22,6 +22,8 @@ register_pack()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostenv import REQUIRE_HOST  # noqa: E402
 
+pytest_plugins = ["failed_fixtures", "pytester"]
+
 # The tests of real parts: the host tier, the real Python 3.10 that the pack must compile on, and insightface.
 REQUIRED_IN_CI = ("host/", "core/test_python_versions.py", "core/test_subject_preparation.py")
 _host_skips: list[str] = []
@@ -39,9 +41,11 @@ def pytest_addoption(parser) -> None:
                           "workflow executed once (tests/pytest.ini)")
 
 
-# Host modules whose own full-size models and float64 references need the memory that the session's shared models
-# hold once loaded: they run first among the host tests (CI's machine has 24 GB; after the others, one was killed).
-RUN_FIRST = ("host/test_fastcomposer_exactness.py::",)
+# Host modules that need much memory of their own, run first among the host tests, before the session's shared models
+# (about 9 GB) are loaded: the FastComposer exactness module (its own full-size models and float64 references: 21 GB at
+# its peak), and the SDXL workflow's server in a subprocess (10 GB beside this process; after the others, 23 GB).
+# CI's machine has 24 GB: after the others, the first was killed.
+RUN_FIRST = ("host/test_fastcomposer_exactness.py::", "host/test_official_sdxl_workflow.py::")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

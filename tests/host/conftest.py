@@ -141,17 +141,21 @@ def nested_adapter_files(comfy, fastcomposer_models):
 
 
 @pytest.fixture(scope="session")
-def official_sdxl_files(tmp_path_factory, fastcomposer_models):
+def official_sdxl_files(tmp_path_factory, fastcomposer_file):
     """[SDXL base checkpoint, official Nested Attention checkpoint], seeded random weights in published layouts, in
     checkpoints/ and nested_attention/ folders of their own (only servers in bf16 load them: test_official_sdxl_workflow
     says why); removed at the end of the session, 7.7 GB.
-    - The base: ComfyUI's own SDXL UNet and text encoders in fp16, as released (and the session's SD1.5 VAE, the same
-      architecture), written by ComfyUI's own save_checkpoint.
+    - The base: ComfyUI's own SDXL UNet and text encoders in fp16, as released, and the session FastComposer file's
+      SD1.5 VAE (the same architecture; read from the file, so that the session's models need not be loaded: the
+      module runs first), written by ComfyUI's own save_checkpoint.
     - The official checkpoint: IP-Adapter Plus SDXL's tensors under diffusers module names, one of the layouts the
       import accepts: image_proj.<resampler key>, unet.<attn2 module>.processor.to_{k,v}_nest.weight."""
+    import comfy.sd
     from comfy.model_patcher import ModelPatcher
     from ipadapter_files import ip_adapter_plus
     from sdxl_models import random_sdxl
+    from subject_personalization.encoders.checkpoint_io import read_state_dict
+    from subject_personalization.encoders.fastcomposer_checkpoint import split_fastcomposer
     from subject_personalization.encoders.unet_layers import ip_adapter_layers, to_diffusers_name
     models = tmp_path_factory.mktemp("sdxl_models")
     base, official = models / "checkpoints" / SDXL_CHECKPOINT_FILE, models / "nested_attention" / OFFICIAL_NESTED_FILE
@@ -160,8 +164,9 @@ def official_sdxl_files(tmp_path_factory, fastcomposer_models):
     try:
         unet, clip = random_sdxl(torch.float16, seed=20)
         cpu = torch.device("cpu")
-        save_checkpoint(base, ModelPatcher(unet, load_device=cpu, offload_device=cpu), clip, fastcomposer_models[2])
-        del unet, clip
+        vae = comfy.sd.VAE(sd=split_fastcomposer(read_state_dict(fastcomposer_file)).vae)
+        save_checkpoint(base, ModelPatcher(unet, load_device=cpu, offload_device=cpu), clip, vae)
+        del unet, clip, vae
         parts = ip_adapter_plus("sdxl", seed=21)
         state = {f"image_proj.{key}": tensor for key, tensor in parts["image_proj"].items()}
         for number, layer in ip_adapter_layers("sdxl").items():
