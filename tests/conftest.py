@@ -41,10 +41,9 @@ def pytest_addoption(parser) -> None:
                           "workflow executed once (tests/pytest.ini)")
 
 
-# Host modules that need much memory of their own, run first among the host tests, before the session's shared models
-# (about 9 GB) are loaded: the FastComposer exactness module (its own full-size models and float64 references: 21 GB at
-# its peak), and the SDXL workflow's server in a subprocess (10 GB beside this process; after the others, 23 GB).
-# CI's machine has 24 GB: after the others, the first was killed.
+# Host modules that need much memory of their own run first among the host tests, while the session holds least: the
+# FastComposer exactness module (its own full-size models and float64 references: 21 GB at its peak) and the SDXL
+# workflow's server in a subprocess (after the others, 23 GB with this process). CI's machine has 24 GB.
 RUN_FIRST = ("host/test_fastcomposer_exactness.py::", "host/test_official_sdxl_workflow.py::")
 
 

@@ -34,6 +34,7 @@ def test_after_it():
 
 @pytest.mark.parametrize("plugin, released", [("failed_fixtures", True), ("no:failed_fixtures", False)])
 def test_a_failed_session_fixture_keeps_no_model_alive(pytester, plugin, released):
+    pytester.makeini("[pytest]\n")  # its own rootdir: under CI's TMPDIR (inside the pack) pytest took the pack's pyproject
     pytester.makepyfile(FAILING_FIXTURE)
     result = pytester.runpytest("-p", plugin, "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1, passed=int(released), failed=int(not released))

@@ -66,10 +66,16 @@ def fastcomposer_file(comfy):
     return write_random_fastcomposer(comfy.model_dir("fastcomposer") / FASTCOMPOSER_FILE, seed=0, light=True)
 
 
-@pytest.fixture(scope="session")
-def fastcomposer_models(comfy, fastcomposer_file):
+def load_fastcomposer(comfy, path: Path) -> tuple:
     """(MODEL, CLIP, VAE, CLIP_VISION, FASTCOMPOSER) loaded through the pack's loader node."""
-    return comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_FastComposerLoader"]().load(fastcomposer_file.name)
+    return comfy.nodes.NODE_CLASS_MAPPINGS["SubjectPersonalization_FastComposerLoader"]().load(path.name)
+
+
+@pytest.fixture(scope="module")
+def fastcomposer_models(comfy, fastcomposer_file):
+    """The session file's models, loaded for each module that asks and released after it: held for the session, their
+    5.5 GB sat under every later module, and a CI run that reached 24 GB was killed."""
+    return load_fastcomposer(comfy, fastcomposer_file)
 
 
 @pytest.fixture(scope="session")
@@ -79,18 +85,43 @@ def node(comfy):
 
 
 @pytest.fixture(scope="session")
-def sd15_checkpoint_file(comfy, fastcomposer_models):
-    """An ordinary SD1.5 checkpoint with the same random weights, written by ComfyUI's own save_checkpoint (fp16)."""
-    model, clip, vae = fastcomposer_models[:3]
-    return save_checkpoint(comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors", model, clip, vae)
+def files_from_fastcomposer_models(comfy, fastcomposer_file) -> dict:
+    """The session files made from the FastComposer file's models, at one loading released after the writing:
+    - an ordinary SD1.5 checkpoint with the same random weights, written by ComfyUI's own save_checkpoint (fp16);
+    - a CLIP ViT-L/14 vision model file (the FastComposer vision tower, fp16);
+    - SD1.5 adapters of this pack's format for a person and a pet: freshly initialised, output projection randomised
+      (a fresh adapter's tokens ignore the image by construction, its projection being zero: randomised, the
+      workflow tests can see the subject image reach the output)."""
+    from subject_personalization.encoders.nested_adapter import save_nested_adapter
+    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
+    model, clip, vae, clip_vision, _ = load_fastcomposer(comfy, fastcomposer_file)
+    files = {"sd15_checkpoint": save_checkpoint(comfy.model_dir("checkpoints") / "v1-5-pruned-emaonly.safetensors",
+                                                model, clip, vae),
+             "clip_vision": comfy.model_dir("clip_vision") / "CLIP-ViT-L-14.safetensors", "nested_adapters": {}}
+    save_half(clip_vision.get_sd(), files["clip_vision"])
+    for name, word, domain, seed in (("nested_person_sd15", "person", "person", 1), ("nested_pet_sd15", "dog", "pet", 2)):
+        adapter = fresh_adapter(model, clip, word, "ViT-L/14", domain, seed)
+        with torch.no_grad():
+            adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+        files["nested_adapters"][name] = comfy.model_dir("nested_attention") / f"{name}.safetensors"
+        save_nested_adapter(files["nested_adapters"][name], adapter)
+    return files
 
 
 @pytest.fixture(scope="session")
-def clip_vision_file(comfy, fastcomposer_models):
-    """A CLIP ViT-L/14 vision model file (the random FastComposer vision tower, fp16)."""
-    path = comfy.model_dir("clip_vision") / "CLIP-ViT-L-14.safetensors"
-    save_half(fastcomposer_models[3].get_sd(), path)
-    return path
+def sd15_checkpoint_file(files_from_fastcomposer_models) -> Path:
+    return files_from_fastcomposer_models["sd15_checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def clip_vision_file(files_from_fastcomposer_models) -> Path:
+    return files_from_fastcomposer_models["clip_vision"]
+
+
+@pytest.fixture(scope="session")
+def nested_adapter_files(files_from_fastcomposer_models) -> dict:
+    """{name: path} of the two adapters, loaded by name in the host tests."""
+    return files_from_fastcomposer_models["nested_adapters"]
 
 
 @pytest.fixture(scope="session")
@@ -120,31 +151,11 @@ def write_sd15_ip_adapter_plus(comfy, name: str, seed: int):
     return write_ip_adapter(comfy.model_dir("ipadapter") / name, ip_adapter_plus("sd15", seed=seed))
 
 
-@pytest.fixture(scope="session")
-def nested_adapter_files(comfy, fastcomposer_models):
-    """SD1.5 adapters of this pack's format for a person and a pet, loaded by name in the host tests: freshly
-    initialised, output projection randomised."""
-    from subject_personalization.encoders.nested_adapter import save_nested_adapter
-    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
-    model, clip = fastcomposer_models[:2]
-    folder = comfy.model_dir("nested_attention")
-    paths = {}
-    for name, word, domain, seed in (("nested_person_sd15", "person", "person", 1), ("nested_pet_sd15", "dog", "pet", 2)):
-        adapter = fresh_adapter(model, clip, word, "ViT-L/14", domain, seed)
-        # A fresh adapter's tokens ignore the image by construction (zero output projection); randomise that
-        # projection so the workflow tests can see the subject image reach the output.
-        with torch.no_grad():
-            adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
-        paths[name] = folder / f"{name}.safetensors"
-        save_nested_adapter(paths[name], adapter)
-    return paths
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def official_sdxl_files(tmp_path_factory, fastcomposer_file):
     """[SDXL base checkpoint, official Nested Attention checkpoint], seeded random weights in published layouts, in
     checkpoints/ and nested_attention/ folders of their own (only servers in bf16 load them: test_official_sdxl_workflow
-    says why); removed at the end of the session, 7.7 GB.
+    says why); 7.7 GB, removed at the end of the module that asked for them.
     - The base: ComfyUI's own SDXL UNet and text encoders in fp16, as released, and the session FastComposer file's
       SD1.5 VAE (the same architecture; read from the file, so that the session's models need not be loaded: the
       module runs first), written by ComfyUI's own save_checkpoint.
