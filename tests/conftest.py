@@ -41,10 +41,12 @@ def pytest_addoption(parser) -> None:
                           "workflow executed once (tests/pytest.ini)")
 
 
-# Host modules that need much memory of their own run first among the host tests, while the session holds least: the
-# FastComposer exactness module (its own full-size models and float64 references: 21 GB at its peak) and the SDXL
-# workflow's server in a subprocess (after the others, 23 GB with this process). CI's machine has 24 GB.
-RUN_FIRST = ("host/test_fastcomposer_exactness.py::", "host/test_official_sdxl_workflow.py::")
+# Host modules that need much memory of their own run first among the host tests, while this process holds least (a
+# long session keeps gigabytes that no tensor accounts for): the FastComposer exactness module (its own full-size models
+# and float64 references: 21 GB at its peak), the SDXL workflow's server in a subprocess (23 GB with this process when
+# it ran after the others) and the training command's torchrun test (two workers holding SD1.5, 12 GB; beside
+# test_trainer.py's models and after the others, a clean-clone CI run was killed there). CI's machine has 24 GB.
+RUN_FIRST = ("host/test_fastcomposer_exactness.py::", "host/test_official_sdxl_workflow.py::", "host/test_training_command.py::")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

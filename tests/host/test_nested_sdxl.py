@@ -26,7 +26,14 @@ def sdxl(comfy):
 
 
 @pytest.fixture(scope="module")
-def person(sdxl, fastcomposer_models, node):
+def vit_l(clip_vision_file, node):
+    """The session's CLIP ViT-L/14 file through ComfyUI's loader: the one image encoder this module needs, without the
+    session's 5.5 GB of FastComposer models beside SDXL."""
+    return node("CLIPVisionLoader").load_clip(clip_vision_file.name)[0]
+
+
+@pytest.fixture(scope="module")
+def person(sdxl, vit_l, node):
     """(adapter, positive, negative): a person from a freshly initialised SDXL adapter, made visible."""
     from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
     model, clip = sdxl
@@ -34,7 +41,7 @@ def person(sdxl, fastcomposer_models, node):
     with torch.no_grad():
         adapter.resampler.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(1))
-    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, fastcomposer_models[3], image, "person", 1.0, 0.0, 1.0)
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, vit_l, image, "person", 1.0, 0.0, 1.0)
     (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(clip, subjects, "a photo of a person reading")
     (negative,) = node("CLIPTextEncode").encode(clip, "blurry")
     return adapter, positive, negative
@@ -76,12 +83,12 @@ def test_patch_covers_all_70_layers_and_samples(sdxl, person, sample, node):
     assert not torch.equal(sample("pack"), sample())
 
 
-def test_an_sd15_adapter_is_refused_by_an_sdxl_model(sdxl, fastcomposer_models, node):
-    from subject_personalization.nodes.nested_adapter_nodes import fresh_adapter
-    sd15_model, sd15_clip, _, clip_vision, _ = fastcomposer_models
-    adapter = fresh_adapter(sd15_model, sd15_clip, "person", "ViT-L/14", "person")
+def test_an_sd15_adapter_is_refused_by_an_sdxl_model(sdxl, vit_l, nested_adapter_files, sd15_checkpoint_file, node):
+    import comfy.sd
+    (adapter,) = node("SubjectPersonalization_NestedAttentionLoader").load(nested_adapter_files["nested_person_sd15"].name)
+    sd15_clip = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint_file), output_vae=False, output_model=False)[1]
     image = torch.rand(1, 64, 64, 3)
-    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, clip_vision, image, "person", 1.0, 0.0, 1.0)
+    (subjects,) = node("SubjectPersonalization_NestedAttentionSubject").encode(adapter, vit_l, image, "person", 1.0, 0.0, 1.0)
     (positive,) = node("SubjectPersonalization_NestedAttentionEncode").encode(sd15_clip, subjects, "a person")
     with pytest.raises(ValueError, match=r"trained for sd15 \(context 768\) but the MODEL is sdxl \(context 2048\)"):
         node("SubjectPersonalization_ApplyNestedAttention").apply(sdxl[0], positive, 1.0, 0.0, 1.0)
@@ -194,7 +201,7 @@ def patched_at_every_layer(model, set_model_patch_replace, patch_kwargs: dict):
     return patched
 
 
-def test_ipadapter_plus_and_the_pack_act_in_either_order(sample, comfy, fastcomposer_models, node, monkeypatch):
+def test_ipadapter_plus_and_the_pack_act_in_either_order(sample, comfy, vit_l, node, monkeypatch):
     from comfy.cli_args import args
     from ipadapter_files import ip_adapter_plus, write_ip_adapter
     peer_module(comfy, "IPAdapterAdvanced")
@@ -211,7 +218,7 @@ def test_ipadapter_plus_and_the_pack_act_in_either_order(sample, comfy, fastcomp
 
     def ipadapter_advanced(model):
         return node("IPAdapterAdvanced").apply_ipadapter(model, ipadapter, weight=1.0, image=reference,
-                                                         clip_vision=fastcomposer_models[3])[0]
+                                                         clip_vision=vit_l)[0]
 
     check_both_act_in_either_order(sample, ("IPAdapter Advanced", ipadapter_advanced))
 

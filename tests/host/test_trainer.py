@@ -1,11 +1,9 @@
 """The Nested Attention trainer on a tiny SD1.5-layout UNet and procedural subjects: it learns, it leaves the base
-model untouched, it resumes exactly, and it runs on two processes."""
+model untouched, it resumes exactly, and it runs on two processes (its command line: test_training_command.py)."""
 import dataclasses
 import hashlib
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from trainer_setup import SUBJECTS, pretrain_base, tiny_sd15_model, tiny_unet_co
 STEPS = 200
 PRETRAIN_STEPS = 250
 GENERATION_SEEDS = 8
-PACK_ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a photo of a toy on a table"
 SMALL_ENCODER = {"num_queries": 4, "depth": 1, "width": 64, "heads": 4}
 
@@ -246,58 +243,6 @@ def test_two_processes_train_together_with_gloo(world, tmp_path):
     initial = load_nested_adapter(tmp_path / "start.safetensors").state_dict()
     assert any(not torch.equal(trained[0][key], initial[key]) for key in trained[0])
     assert (tmp_path / "checkpoints" / "step_0000003.safetensors").is_file()
-
-
-
-CLI_CONFIG = """
-resolution = 64
-batch_size = 1
-max_steps = 1
-checkpoint_every = 1
-log_every = 1
-validate_every = 1
-validation_steps = 2
-device = "cpu"
-encoder = {{ num_queries = 4, depth = 1, width = 64, heads = 4 }}
-data = "{data}"
-output = "{output}"
-checkpoint = "{checkpoint}"
-clip_vision = "{clip_vision}"
-
-[[validation]]
-prompt = "a photo of a toy on a table"
-word = "toy"
-reference = "references/0_0.png"
-"""
-
-
-def run_command(*arguments: str) -> None:
-    # torch's own threads: torchrun gives each of its processes one thread, a single process takes the machine's.
-    done = subprocess.run([sys.executable, *arguments], cwd=PACK_ROOT, capture_output=True, text=True, timeout=900,
-                          stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{' '.join(arguments)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-
-
-def test_command_line_trains_validates_and_resumes_under_torchrun(world, tmp_path, sd15_checkpoint_file, clip_vision_file):
-    """`python -m train` on a ComfyUI SD1.5 checkpoint file, then `torchrun` with 2 gloo processes resuming that run."""
-    from PIL import Image
-    from subject_personalization.encoders.nested_adapter import load_nested_adapter
-    output = tmp_path / "run"
-    config = tmp_path / "run.toml"
-    config.write_text(CLI_CONFIG.format(data=world[0], output=output, checkpoint=sd15_checkpoint_file,
-                                        clip_vision=clip_vision_file))
-    run_command("-m", "train", "--config", str(config))
-    first = load_nested_adapter(output / "checkpoints" / "step_0000001.safetensors")
-    assert first.provenance["step"] == 1 and first.provenance["base_model"] == sd15_checkpoint_file.name
-    assert Image.open(output / "validation" / "step_0000001.png").size == (128, 64)  # reference | generated
-
-    run_command("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
-                "--config", str(config), "--set", "max_steps=2", "--resume", "latest")
-    second = load_nested_adapter(output / "checkpoints" / "step_0000002.safetensors")
-    assert second.provenance["step"] == 2 and second.provenance["processes"] == 2
-    assert any(not torch.equal(first.state_dict()[key], value) for key, value in second.state_dict().items())
-    steps = [line.split(",")[0] for line in (output / "loss.csv").read_text().splitlines()[1:]]
-    assert steps == ["1", "2"]
 
 
 def test_fine_tuned_clip_vision_layers_start_exact_train_and_reach_inference(world, tmp_path, vision_layer_encodings):
