@@ -9,10 +9,9 @@ import json
 import math
 import re
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -351,15 +350,3 @@ def shape_differences(expected: Mapping[str, tuple[int, ...]], found: Mapping[st
         [f"{key} has shape {tuple(found[key])}, expected {tuple(shape)}"
          for key, shape in expected.items() if key in found and tuple(found[key]) != tuple(shape)][:4]
 
-
-@contextmanager
-def written_beside(path: str | Path) -> Iterator[Path]:
-    """A file to write beside `path` (same folder and suffix, `.partial` before it), renamed onto `path` when the
-    block ends, removed if it raises: a reader, or a kill at any moment, sees the old file or the new one."""
-    path = Path(path)
-    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
-    try:
-        yield partial
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint_io import read_state_dict
+from .kill_safe import written_beside
 
 FASTCOMPOSER_FIX = ("download pytorch_model.bin again from the Hugging Face repository mit-han-lab/fastcomposer into "
                     "models/fastcomposer (a .safetensors copy is made with python -m encoders.fastcomposer_checkpoint)")
@@ -92,7 +93,8 @@ def convert_to_safetensors(source: str | Path, destination: str | Path) -> Path:
         raise ValueError(f"the destination must end in .safetensors, got {destination.name}")
     state_dict = read_state_dict(source, FASTCOMPOSER_FIX)
     check_fastcomposer(state_dict, source.name)
-    save_file(unshared(state_dict), destination, metadata={"format": "fastcomposer", "converted_from": source.name})
+    with written_beside(destination) as partial:
+        save_file(unshared(state_dict), partial, metadata={"format": "fastcomposer", "converted_from": source.name})
     return destination
 
 

@@ -57,7 +57,8 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict, written_beside
+from .checkpoint_io import UnreadableFile, listed_keys, read_state_dict
+from .kill_safe import written_beside
 from .nested_adapter import CLIP_VISION, TEXT_ENCODER_WIDTHS, NestedAdapter, assembled_adapter, placeholder_state
 from .subject_resampler import ResamplerConfig
 from .unet_layers import CONTEXT_WIDTH, ip_adapter_layers, layers_with_widths

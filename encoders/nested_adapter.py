@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint_io import UnreadableFile, read_safetensors, read_safetensors_header, shape_differences, weights_format
+from .kill_safe import written_beside
 from .nested_projections import NestedProjections
 from .subject_resampler import ResamplerConfig, SubjectResampler
 from .unet_layers import CONTEXT_WIDTH, CrossAttentionLayer, check_family, cross_attention_layers
@@ -111,8 +112,10 @@ class NestedAdapter(nn.Module):
 
 
 def save_nested_adapter(path: str | Path, adapter: NestedAdapter) -> None:
+    """The adapter file, written beside `path` and renamed into place: a kill never leaves part of one there."""
     tensors = {key: tensor.detach().contiguous() for key, tensor in adapter.state_dict().items()}
-    save_file(tensors, str(path), metadata=adapter.metadata())
+    with written_beside(path) as partial:
+        save_file(tensors, str(partial), metadata=adapter.metadata())
 
 
 def _field(metadata: dict[str, str], name: str, *kinds: type):

@@ -55,6 +55,10 @@ _BY_NAME = re.compile(r"^(?:.*?\.)?((?:(?:down|up)_blocks\.\d+|mid_block)\.atten
 _BY_NUMBER = re.compile(rf"^(?:.*\.)?(\d+){_SUFFIX}\.weight$")
 
 
+class NotNestedCheckpoint(ValueError):
+    """A file with nothing of a Nested Attention checkpoint in it: another kind of file, not a new layout."""
+
+
 def _target(key: str, resampler_prefix: str, numbered: dict) -> str | None:
     """The adapter key an official key fills, or None when no accepted layout names it."""
     if key.startswith(resampler_prefix) and (local := resampler_key(key[len(resampler_prefix):])) is not None:
@@ -70,8 +74,13 @@ def _target(key: str, resampler_prefix: str, numbered: dict) -> str | None:
 def _rename(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official keys -> this format's state-dict keys; returns the renamed dict and the keys no pattern matched."""
     latents = [key for key in state_dict if key == "latents" or key.endswith(".latents")]
+    if not latents and not any(_BY_NAME.match(key) or _BY_NUMBER.match(key) for key in state_dict):
+        raise NotNestedCheckpoint(f"it is not a Nested Attention checkpoint: none of its {len(state_dict)} keys "
+                                  f"({listed_keys(list(state_dict))}) is a resampler's or a nested attention map's; "
+                                  f"expected {EXPECTED_LAYOUT}")
     if len(latents) != 1:
-        raise ValueError(f"expected exactly one resampler 'latents' tensor, found {latents or 'none'}")
+        raise ValueError(f"expected exactly one resampler 'latents' tensor, found {latents or 'none'} among its keys "
+                         f"({listed_keys(list(state_dict))})")
     prefix, numbered = latents[0][:-len("latents")], ip_adapter_layers("sdxl")
     renamed, sources, unknown = {}, {}, []
     for key, tensor in state_dict.items():
@@ -118,7 +127,8 @@ def import_official_nested_file(path: str | Path, initializer_word: str, initial
     try:
         adapter = import_official_nested(state_dict, initializer_word, initializer_embeddings, **options)
     except ValueError as error:  # the one place the import's structural problems get the file's name and the fix
-        raise UnreadableFile(path, str(error), LAYOUT_FIX) from None
+        raise UnreadableFile(path, str(error), IMPORT_FIX if isinstance(error, NotNestedCheckpoint) else LAYOUT_FIX) \
+            from None
     adapter.name = path.stem
     adapter.provenance["source_file"] = path.name
     return adapter

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..encoders.checkpoint_io import written_beside
+from ..encoders.kill_safe import written_beside
 from . import world
 
 UNET_CONFIG = {"use_checkpoint": False, "image_size": 32, "in_channels": 3, "out_channels": 3, "model_channels": 32,

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..encoders.checkpoint_io import written_beside
+from ..encoders.kill_safe import written_beside
 
 COLOURS = {"nested": (31, 119, 180), "decoupled_gated": (44, 160, 44), "decoupled_ungated": (214, 39, 40),
            "nested_single_token": (148, 103, 189), "prior": (0, 0, 0), "wrong_reference": (127, 127, 127)}
@@ -47,4 +47,4 @@ def identity_prompt_plot(summary: dict, path: Path) -> None:
         draw.text((SIZE + 30, 80 + 22 * row), method, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_beside(path) as partial:
-        image.save(partial)
+        image.save(partial, format="PNG")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..encoders.checkpoint_io import written_beside
+from ..encoders.kill_safe import written_beside
 from . import world
 from .base_model import SECOND_WORD, SUBJECT_WORD, BaseRecipe, base_model, image_encoder, pixel_vae, text_encoder
 from .scorer import check_validated, score_image, score_pair, validate
@@ -131,7 +131,8 @@ def write_adapter_data(folder: Path, identities: list, seed: int) -> None:
         lines.append({"image": f"images/{stem}.png", "caption": world.pair_caption(SUBJECT_WORD, SECOND_WORD, background),
                       "subjects": [{"word": SUBJECT_WORD, "references": references[left.index], "mask": f"masks/{stem}_left.png"},
                                    {"word": SECOND_WORD, "references": references[right.index], "mask": f"masks/{stem}_right.png"}]})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with written_beside(folder / "metadata.jsonl") as partial:  # last: the set is complete once it is there
+        partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 ADAPTERS = {  # the trainer's options for each method; the rest of the recipe is shared (same data and budget)
@@ -369,7 +370,8 @@ def run(options: StudyOptions, log=say) -> dict:
     report["summary"] = summarise(report["seeds"])
     report["minutes"] = (time.perf_counter() - started) / 60
     _write(options.output / "results.json", report)
-    (options.output / "report.md").write_text(markdown_report(report))
+    with written_beside(options.output / "report.md") as partial:
+        partial.write_text(markdown_report(report))
     from .plot import identity_prompt_plot
     identity_prompt_plot(report["summary"]["identity_against_prompt"], options.output / "identity_vs_prompt.png")
     log(f"done in {report['minutes']:.1f} min: {options.output / 'report.md'}")

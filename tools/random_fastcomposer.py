@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..encoders.kill_safe import written_beside
+
 LAYOUT_FILE = Path(__file__).with_name("fastcomposer_layout.tsv")
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -82,9 +84,10 @@ def write_random_fastcomposer(path: str | Path, seed: int = 0, light: bool = Fal
     if light and path.suffix != ".bin":
         raise ValueError("the light form shares storage between tensors, which only a .bin (torch.save) keeps")
     state_dict = (light_fastcomposer_state_dict if light else random_fastcomposer_state_dict)(seed)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(state_dict, path)
-    else:
-        torch.save(state_dict, path)
+    with written_beside(path) as partial:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(state_dict, partial)
+        else:
+            torch.save(state_dict, partial)
     return path

@@ -45,7 +45,9 @@ def missing_weights(comfy: HeadlessComfy, prompt: dict) -> dict[str, str]:
 
 
 def write_random_weights(comfy: HeadlessComfy, prompt: dict) -> None:
-    from random_fastcomposer import write_random_fastcomposer
+    from pack_package import register_pack
+    register_pack()
+    from subject_personalization.tools.random_fastcomposer import write_random_fastcomposer
     for node in prompt.values():
         if node["class_type"] == "SubjectPersonalization_FastComposerLoader":
             print("self-check: writing a FastComposer stand-in with seeded random weights in the official layout (0.7 GB)")

@@ -53,7 +53,11 @@ def main() -> None:
     if output.exists():
         parser.exit(1, f"{output} exists: give another output name\n")
     workflow, changed = upgraded(workflow)
-    output.write_text(json.dumps(workflow, indent=2), encoding="utf-8")
+    from pack_package import register_pack  # this script's folder, tools/, is the first on the import path
+    register_pack()
+    from subject_personalization.encoders.kill_safe import written_beside
+    with written_beside(output) as partial:
+        partial.write_text(json.dumps(workflow, indent=2), encoding="utf-8")
     print(f"wrote {output}: {changed} node(s) of the pack renamed")
 
 

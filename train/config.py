@@ -68,6 +68,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         values = read_toml(path, CONFIG_FIX) if str(path).endswith(".toml") else read_json(path, CONFIG_FIX)
         if not isinstance(values, dict):
             raise UnreadableFile(path, f"it holds a {type(values).__name__}, expected a table of options", CONFIG_FIX)
+        if not values:  # an empty or all-comment file: every default, silently, is never what was meant
+            raise UnreadableFile(path, "it sets no option", "write in it the options the run needs (data, checkpoint, "
+                                                            "clip_vision at least; train/config.py lists them), or "
+                                                            "leave out --config and give them with --set")
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator:

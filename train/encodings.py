@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..encoders.checkpoint_io import UnreadableFile, read_json, read_safetensors
+from ..encoders.kill_safe import written_beside
 from .dataset import SubjectDataset
 
 
@@ -77,19 +78,20 @@ def check_vision_input(folder: Path, adapter) -> None:
                              f"{wanted} (train_vision_layers changed): set `encodings` to another folder or delete it")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(wanted))
+    with written_beside(record) as partial:
+        partial.write_text(json.dumps(wanted))
 
 
 def save_encoded(path: Path, example: EncodedExample) -> None:
-    """Write one example; complete files only (through a temporary name), so a crash never leaves a half-written cache."""
+    """Write one example, beside its name and renamed into place: a kill never leaves a half-written cache entry."""
     tensors = {"latent": example.latent.contiguous(), "context": example.context.contiguous(),
                "pooled": example.pooled.contiguous(), "positions": torch.tensor(example.positions)}
     for slot, (references, mask) in enumerate(zip(example.references, example.masks)):
         tensors[f"references_{slot}"] = references.to(torch.float16).contiguous()
         if mask is not None:
             tensors[f"mask_{slot}"] = mask.contiguous()
-    save_file(tensors, str(path.with_suffix(".tmp")), metadata={"subjects": json.dumps(len(example.references))})
-    path.with_suffix(".tmp").rename(path)
+    with written_beside(path) as partial:
+        save_file(tensors, str(partial), metadata={"subjects": json.dumps(len(example.references))})
 
 
 def load_encoded(folder: Path, index: int) -> EncodedExample:

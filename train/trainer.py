@@ -21,13 +21,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..encoders.checkpoint_io import UnreadableFile, check_model_file
 from ..encoders.ipadapter_plus import check_ip_adapter_layout, load_ip_adapter_plus, save_ip_adapter_plus
+from ..encoders.kill_safe import kill_point, written_beside
 from ..encoders.nested_adapter import NestedAdapter, load_nested_adapter, save_nested_adapter
 from ..nodes.base_model import model_cross_attention_layers, model_family
 from .config import TrainConfig, config_dict
 from .dataset import SubjectDataset
 from .encodings import EncodedExample, check_vision_input, encode_dataset, load_encoded
 from .objective import TrainingAttention, gradient_checkpointing, masked_mse, noised, prediction_target
-from .training_state import RESUME_FIX, read_training_state, state_file
+from .training_state import (RESUME_FIX, incomplete, latest_complete_checkpoint, manifest_file, read_training_state,
+                             state_file, write_manifest)
 from .warm_start import starting_adapter
 
 LOG_COLUMNS = ("step", "loss", "denoising_loss", "localization_loss", "learning_rate", "images_per_second")
@@ -275,6 +277,7 @@ class Trainer:
                 self.scaler.scale(losses["loss"] / accumulation).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / accumulation
+        kill_point(f"step@{self.step + 1}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -315,10 +318,13 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.adapter
 
     def save_checkpoint(self) -> Path | None:
+        """Process 0 writes the adapter file, its training state, then its manifest (training_state.py): the checkpoint
+        counts as written once the manifest is there."""
         if self.world_size > 1:
             dist.barrier()
         if self.rank != 0:
             return None
+        kill_point(f"checkpoint-start@{self.step}")
         folder = self.output / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{self.step:07d}.safetensors"
@@ -328,20 +334,27 @@ class Trainer:
                               "processes": self.world_size, "ema": self.ema is not None,
                               "config": config_dict(self.config)}
         (save_ip_adapter_plus if self.config.attention == "decoupled" else save_nested_adapter)(path, adapter)
+        kill_point(f"checkpoint-between@{self.step}")
         state = {"step": self.step, "adapter": self.adapter.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
-        torch.save(state, state_file(path))
+        with written_beside(state_file(path)) as partial:
+            torch.save(state, partial)
+        write_manifest(path, self.step)
         return path
 
-    def resume(self, checkpoint: str | Path) -> None:
-        """Continue the run a checkpoint of it was written by: weights, optimizer, schedule, EMA and step."""
+    def resume(self, checkpoint: str | Path) -> bool:
+        """Continue the run a checkpoint of it was written by: weights, optimizer, schedule, EMA and step.
+        `latest`: the run's newest complete checkpoint, each newer one skipped said with why; `auto`: the same, or a
+        fresh start, said, when there is none (the form for jobs that torchrun restarts). Returns whether it resumed."""
+        if str(checkpoint) in ("latest", "auto"):
+            chosen = self._latest_complete(required=str(checkpoint) == "latest")
+            if chosen is None:
+                return False
+            checkpoint = chosen
         checkpoint = Path(checkpoint)
-        if checkpoint.name == "latest":
-            found = sorted((self.output / "checkpoints").glob("step_*.safetensors"))
-            if not found:
-                raise FileNotFoundError(f"no checkpoint in {self.output / 'checkpoints'} to resume from")
-            checkpoint = found[-1]
+        if manifest_file(checkpoint).is_file() and (problem := incomplete(checkpoint)) is not None:
+            raise UnreadableFile(checkpoint, problem, RESUME_FIX)
         if not state_file(checkpoint).is_file():
             raise UnreadableFile(state_file(checkpoint), "it is missing: resuming needs the training state written "
                                                          "with the checkpoint", RESUME_FIX)
@@ -358,10 +371,33 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
+        return True
+
+    def _latest_complete(self, required: bool) -> Path | None:
+        """Process 0's choice of checkpoint, shared with every process (they resume from the same one)."""
+        folder = self.output / "checkpoints"
+        choice = latest_complete_checkpoint(folder) if self.rank == 0 else None
+        if self.world_size > 1:
+            shared = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        found, skipped = choice
+        if self.rank == 0:
+            for line in skipped:
+                print(f"resume: skipped {line}", flush=True)
+        if found is None and required:
+            raise FileNotFoundError(f"no complete checkpoint in {folder} to resume from"
+                                    f"{f' ({len(skipped)} incomplete, skipped)' if skipped else ''}: start the run "
+                                    f"without --resume, or give --resume auto to start it fresh when there is none")
+        if self.rank == 0:
+            print(f"resume: from {found}" if found else f"resume auto: no complete checkpoint in {folder}, starting "
+                                                         f"fresh", flush=True)
+        return found
 
 
 class _LossLog:
-    """loss.csv (appended to on resume, rows past the resumed step dropped) and TensorBoard when installed."""
+    """loss.csv and TensorBoard when installed. On resume the rows up to the resumed step are kept (rewritten beside
+    the file and renamed into place, so a kill then loses none), the rows past it and any row cut short dropped."""
 
     def __init__(self, output: Path | None, step: int):
         self.file = self.writer = self.board = None
@@ -371,11 +407,15 @@ class _LossLog:
         path = output / "loss.csv"
         kept = []
         if path.is_file() and step > 0:
-            kept = [row for row in csv.DictReader(path.open()) if int(row["step"]) <= step]
-        self.file = path.open("w", newline="")
+            with path.open(newline="") as log:
+                kept = [row for row in csv.DictReader(log) if None not in row.values() and row["step"].isdecimal()
+                        and int(row["step"]) <= step]
+        with written_beside(path) as partial, partial.open("w", newline="") as log:
+            writer = csv.DictWriter(log, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        self.file = path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.board = SummaryWriter(str(output / "tensorboard"))

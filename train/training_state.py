@@ -1,10 +1,20 @@
-"""The training state a checkpoint carries beside it (`step_N.state.pt`): what resuming reads back, checked first."""
+"""A checkpoint's files on disk: which checkpoint a run resumes from, and the training state it reads back.
+
+A checkpoint is three files, each written beside its name and renamed into place (encoders/kill_safe.py), in this
+order: the adapter `step_N.safetensors`, its training state `step_N.state.pt`, and `step_N.manifest.json`, which
+records both files' sizes and SHA-256. The manifest is written last, so a checkpoint counts as written once it is
+there: a kill before it leaves a checkpoint that `latest_complete_checkpoint` skips, and a file changed after it (a
+copy cut short, a disk error) no longer matches it.
+"""
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..encoders.checkpoint_io import UnreadableFile, read_pickle, shape_differences
+from ..encoders.checkpoint_io import UnreadableFile, read_json, read_pickle, shape_differences
+from ..encoders.kill_safe import written_beside
 
 STATE_KEYS = ("step", "adapter", "optimizer", "scheduler", "scaler", "ema")
 RESUME_FIX = "resume from an earlier checkpoint of this run (its .state.pt beside it), or start the run again"
@@ -12,6 +22,58 @@ RESUME_FIX = "resume from an earlier checkpoint of this run (its .state.pt besid
 
 def state_file(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".state.pt")
+
+
+def manifest_file(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".manifest.json")
+
+
+def _file_record(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_manifest(checkpoint: Path, step: int) -> None:
+    """The checkpoint's last file: its step, and the size and hash of its adapter file and training state."""
+    files = {path.name: _file_record(path) for path in (checkpoint, state_file(checkpoint))}
+    with written_beside(manifest_file(checkpoint)) as partial:
+        partial.write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def incomplete(checkpoint: Path) -> str | None:
+    """Why the checkpoint cannot be resumed from as it is on disk, or None when its manifest vouches for its files."""
+    manifest = manifest_file(checkpoint)
+    if not manifest.is_file():
+        return (f"it has no {manifest.name}: its writing was interrupted (or an earlier version of the pack, which "
+                f"wrote none, wrote it: give its path to --resume)")
+    try:
+        listed = read_json(manifest)
+    except UnreadableFile as error:
+        return f"its {manifest.name} is unreadable: {error.problem}"
+    expected_names = {checkpoint.name, state_file(checkpoint).name}
+    if not (isinstance(listed, dict) and isinstance(listed.get("files"), dict) and set(listed["files"]) == expected_names):
+        return f"its {manifest.name} does not list {' and '.join(sorted(expected_names))}"
+    for name, expected in listed["files"].items():
+        path = checkpoint.parent / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _file_record(path) != expected:
+            return f"{name} is not the file its manifest recorded (changed or cut short after it was written)"
+    return None
+
+
+def latest_complete_checkpoint(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in folder that is complete, and for each newer one skipped, its name and why."""
+    skipped = []
+    for checkpoint in sorted(folder.glob("step_*.safetensors"), reverse=True):
+        problem = incomplete(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"{checkpoint.name}: {problem}")
+    return None, skipped
 
 
 def read_training_state(path: Path, adapter: nn.Module) -> dict:

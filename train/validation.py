@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..encoders.kill_safe import kill_point, written_beside
 from ..nodes.nested_apply import ApplyNestedAttention
 from ..nodes.nested_encode import NestedAttentionEncode
 from ..nodes.nested_subject import NestedAttentionSubject
@@ -59,5 +60,7 @@ def render_validation(trainer) -> Path:
     grid = torch.cat(rows, dim=0).clamp(0, 1)
     path = Path(config.output) / "validation" / f"step_{trainer.step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(path)
+    kill_point(f"validation@{trainer.step}")
+    with written_beside(path) as partial:
+        Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(partial, format="PNG")
     return path

@@ -183,3 +183,15 @@ def test_the_tokenizer_default_is_the_comfyui_the_pack_is_linked_into(tmp_path):
                            capture_output=True, text=True, timeout=300, check=True,
                            env={**os.environ, "COLUMNS": "1000"}).stdout  # help on one line: paths are not broken
     assert f"(default: the one of the ComfyUI this pack is in, {comfyui / 'comfy' / 'sd1_tokenizer'})" in shown
+
+
+@pytest.mark.parametrize("state", [{"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)},
+                                   {"image_proj.proj.weight": torch.zeros(2, 2), "ip_adapter.1.to_k_lora.down.weight":
+                                    torch.zeros(2, 2)}], ids=["a base model's", "IP-Adapter FaceID-like"])
+def test_a_file_that_is_no_nested_attention_checkpoint_is_refused_naming_it(tmp_path, state):
+    path = write(tmp_path, state, False)
+    with pytest.raises(UnreadableFile, match=rf"^cannot use {re.escape(str(path))}: it is not a Nested Attention "
+                                             rf"checkpoint: none of its {len(state)} keys \(.*\) is a resampler's or a "
+                                             rf"nested attention map's; expected a resampler in IP-Adapter's naming .*; "
+                                             rf"give the official demo checkpoint"):
+        import_official_nested_file(path, "person", EMBEDDINGS)

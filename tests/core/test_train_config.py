@@ -1,4 +1,5 @@
 """Training options: the shipped configs load, overrides parse as JSON, and mistakes are named."""
+import re
 import tomllib
 from pathlib import Path
 
@@ -36,3 +37,14 @@ def test_mistakes_are_named(tmp_path):
         load_config(None, ["max_steps"])
     with pytest.raises(ValueError, match="mixed_precision must be no, bf16 or fp16, got 'fp8'"):
         load_config(None, ["mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("name,text", [("run.toml", ""), ("run.toml", "# data = \"/d\"\n\n# max_steps = 5\n"),
+                                       ("run.json", "{}")])
+def test_a_config_that_sets_no_option_is_refused(tmp_path, name, text):
+    """Every default, silently, is never what a config file meant."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^cannot use {re.escape(str(path))}: it sets no option; write in it the "
+                                         rf"options the run needs \(data, checkpoint, clip_vision at least"):
+        load_config(path, ["max_steps=7"])

@@ -3,6 +3,8 @@
 word's row of the SDXL checkpoint's two token embedding tables, the word tokenized with ComfyUI's own tokenizer files.
 The token id expected is read independently, from ComfyUI's vocab.json."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +40,31 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "nested_official.safetensors", folder / "sdxl_base.safetensors"
 
 
-def convert(*arguments: str) -> subprocess.CompletedProcess:
-    """The command line with ComfyUI's tokenizer folder, unless the arguments name another (the last one counts)."""
+def convert(*arguments: str, kill: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line with ComfyUI's tokenizer folder, unless the arguments name another (the last one counts);
+    `kill`: the environment that kills it at a moment (encoders/kill_safe.py)."""
     return subprocess.run([sys.executable, "-m", "encoders.official_nested_import", "--tokenizer", str(TOKENIZER),
-                           *arguments], cwd=PACK, capture_output=True, text=True, timeout=300)
+                           *arguments], cwd=PACK, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(kill or {})})
+
+
+def test_the_command_killed_while_it_writes_leaves_the_previous_file(files, tmp_path):
+    """Killed while it writes an import over an earlier one (another initializer word): the earlier file stays whole
+    under its name, the cut-short one beside it; the next run replaces both."""
+    from subject_personalization.encoders.kill_safe import KILL_AT, KILL_RECORD
+    source, base = files
+    destination = tmp_path / "imported.safetensors"
+    partial = Path(f"{destination}.partial")
+    assert convert(str(source), str(destination), "--base", str(base)).returncode == 0
+    previous = destination.read_bytes()
+    killed = convert(str(source), str(destination), "--base", str(base), "--initializer-word", "dog",
+                     kill={KILL_AT: f"write:{destination.name}", KILL_RECORD: str(tmp_path / "killed")})
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "killed").is_file(), killed.stderr
+    assert destination.read_bytes() == previous and partial.stat().st_size > 0
+    assert load_nested_adapter(destination).initializer_word == "person"
+    again = convert(str(source), str(destination), "--base", str(base), "--initializer-word", "dog")
+    assert again.returncode == 0, again.stderr
+    assert load_nested_adapter(destination).initializer_word == "dog" and not partial.exists()
 
 
 def test_the_command_line_converts_once_into_an_adapter_file(files):

@@ -190,11 +190,18 @@ def test_a_damaged_training_state_is_refused_on_resume(world, tmp_path):
     folder, _, base = world
     config = training_config(folder, tmp_path, max_steps=1, checkpoint_every=1)
     Trainer(config, base).fit()
-    state = tmp_path / "checkpoints" / "step_0000001.state.pt"
+    checkpoint = tmp_path / "checkpoints" / "step_0000001.safetensors"
+    state = checkpoint.with_suffix(".state.pt")
     state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint in .* \(1 incomplete, skipped\)"):
+        Trainer(config, base).resume("latest")
+    with pytest.raises(UnreadableFile, match=re.escape(f"cannot use {checkpoint}: step_0000001.state.pt is not the file "
+                                                       f"its manifest recorded") + ".*resume from an earlier checkpoint"):
+        Trainer(config, base).resume(checkpoint)
+    checkpoint.with_suffix(".manifest.json").unlink()  # as an earlier version of the pack wrote checkpoints
     with pytest.raises(UnreadableFile, match=re.escape(f"cannot use {state}: it is damaged or not a PyTorch file")
                        + ".*resume from an earlier checkpoint"):
-        Trainer(config, base).resume("latest")
+        Trainer(config, base).resume(checkpoint)
 
 
 def test_files_comfyui_cannot_use_are_refused_with_their_names(comfy, tmp_path):

@@ -56,7 +56,8 @@ def run_command(*arguments: str) -> None:
 
 
 def test_command_line_trains_validates_and_resumes_under_torchrun(toys, tmp_path, sd15_checkpoint_file, clip_vision_file):
-    """`python -m train` on a ComfyUI SD1.5 checkpoint file, then `torchrun` with 2 gloo processes resuming that run."""
+    """`python -m train` on a ComfyUI SD1.5 checkpoint file, then `torchrun` with 2 gloo processes resuming that run
+    from its latest complete checkpoint."""
     from PIL import Image
     from subject_personalization.encoders.nested_adapter import load_nested_adapter
     output = tmp_path / "run"
@@ -68,8 +69,9 @@ def test_command_line_trains_validates_and_resumes_under_torchrun(toys, tmp_path
     assert first.provenance["step"] == 1 and first.provenance["base_model"] == sd15_checkpoint_file.name
     assert Image.open(output / "validation" / "step_0000001.png").size == (128, 64)  # reference | generated
 
-    run_command("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
-                "--config", str(config), "--set", "max_steps=2", "--resume", "latest")
+    # torchrun in its elastic form, resuming with --resume auto (a restart after a kill: test_kill_safety.py)
+    run_command("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "-m",
+                "train", "--config", str(config), "--set", "max_steps=2", "--resume", "auto")
     second = load_nested_adapter(output / "checkpoints" / "step_0000002.safetensors")
     assert second.provenance["step"] == 2 and second.provenance["processes"] == 2
     assert any(not torch.equal(first.state_dict()[key], value) for key, value in second.state_dict().items())
