@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base-steps", type=int, default=BaseRecipe.steps, help="the base model's training steps")
     parser.add_argument("--base-batch-size", type=int, default=BaseRecipe.batch_size)
     parser.add_argument("--adapter-steps", type=int, default=StudyOptions.adapter_steps)
+    parser.add_argument("--cfg", type=float, default=StudyOptions.cfg, help="the sampler's guidance scale, every image")
+    parser.add_argument("--sampler-steps", type=int, default=StudyOptions.sampler_steps)
     parser.add_argument("--smoke", action="store_true", help="every stage, a few steps each (CI); findings meaningless")
     parser.add_argument("--comfyui", help="the ComfyUI checkout (default: $COMFYUI_PATH)")
     args = parser.parse_args(argv)
@@ -460,5 +462,5 @@ def main(argv: list[str] | None = None) -> dict:
         options = StudyOptions(output, seeds=tuple(int(s) for s in args.seeds.split(",")),
                                held_out=tuple(int(s) for s in args.held_out.split(",")),
                                base=BaseRecipe(steps=args.base_steps, batch_size=args.base_batch_size),
-                               adapter_steps=args.adapter_steps)
+                               adapter_steps=args.adapter_steps, cfg=args.cfg, sampler_steps=args.sampler_steps)
     return run(options)
