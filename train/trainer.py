@@ -348,13 +348,13 @@ class Trainer:
         `latest`: the run's newest complete checkpoint, each newer one skipped said with why; `auto`: the same, or a
         fresh start, said, when there is none (the form for jobs that torchrun restarts). Returns whether it resumed."""
         if str(checkpoint) in ("latest", "auto"):
-            chosen = self._latest_complete(required=str(checkpoint) == "latest")
-            if chosen is None:
+            checkpoint = self._latest_complete(required=str(checkpoint) == "latest")  # checked against its manifest
+            if checkpoint is None:
                 return False
-            checkpoint = chosen
-        checkpoint = Path(checkpoint)
-        if manifest_file(checkpoint).is_file() and (problem := incomplete(checkpoint)) is not None:
-            raise UnreadableFile(checkpoint, problem, RESUME_FIX)
+        else:
+            checkpoint = Path(checkpoint)
+            if manifest_file(checkpoint).is_file() and (problem := incomplete(checkpoint)) is not None:
+                raise UnreadableFile(checkpoint, problem, RESUME_FIX)
         if not state_file(checkpoint).is_file():
             raise UnreadableFile(state_file(checkpoint), "it is missing: resuming needs the training state written "
                                                          "with the checkpoint", RESUME_FIX)
